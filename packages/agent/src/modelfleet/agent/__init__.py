@@ -1,0 +1,1 @@
+"""modelfleet.agent: the on-device agent."""

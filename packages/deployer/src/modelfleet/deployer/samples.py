@@ -1,0 +1,44 @@
+"""Sample models built from scikit-learn's bundled digits data (no download needed).
+
+Used by `modelfleet quickstart`, the tests and the benchmarks, so all three
+exercise the same real ONNX model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_digits_onnx(path: Path, *, variant: int = 1, max_iter: int = 200) -> Path:
+    """Train a LogisticRegression on the digits data and write it as ONNX.
+
+    `variant` changes the regularisation so that two versions give different
+    (but both sensible) probabilities, and different bytes.
+    """
+    import numpy as np
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    y = digits.target
+    model = LogisticRegression(C=1.0 / variant, max_iter=max_iter)
+    model.fit(x, y)
+    onx = to_onnx(
+        model,
+        x[:1],
+        target_opset={"": 17, "ai.onnx.ml": 3},
+        options={id(model): {"zipmap": False}},
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onx.SerializeToString())
+    return path
+
+
+def digits_rows(n: int = 1) -> list[list[float]]:
+    """`n` real rows of the digits data, as plain lists (a request body's `data`)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits().data[:n]
+    return [[float(v) for v in row] for row in data]

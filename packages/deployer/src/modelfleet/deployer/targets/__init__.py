@@ -1,0 +1,1 @@
+"""Deployment targets: local process, docker, aci, kubernetes."""
