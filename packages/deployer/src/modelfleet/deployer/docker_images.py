@@ -1,0 +1,544 @@
+"""Images for the Docker target, built with no registry pull.
+
+Three layers, each tagged by a hash of what went into it and built only when
+that tag is missing:
+
+1. base image: a Debian bookworm minbase root filesystem with Python 3.11 made
+   by `debootstrap` on the host and `docker import`-ed (no pull needed);
+2. runtime image: base + a venv with modelfleet-scoring and the user's
+   requirements, installed from a host-built wheelhouse with `--no-index`;
+3. service image: runtime + the model files + the entry script's source
+   folder + the `serve` command. Its tag is the hash of that content, so an
+   unchanged deployment is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.wheelhouse import Wheelhouse, cache_root
+
+Progress = Callable[[str], None]
+
+BASE_REPO = "modelfleet/base"
+RUNTIME_REPO = "modelfleet/scoring-runtime"
+SERVICE_REPO = "modelfleet/service"
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_INCLUDE = ("python3", "python3-venv", "ca-certificates")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+# Paths inside every service image; the container's view, fixed so that the
+# hot-swap (update) can place a new release beside the running one.
+APP_ROOT = "/var/modelfleet"
+RELEASES_DIR = f"{APP_ROOT}/releases"
+CURRENT_LINK = f"{APP_ROOT}/current"
+SECRETS_DIR = f"{APP_ROOT}/secrets"
+VENV_DIR = "/opt/modelfleet/venv"
+CONTAINER_PORT = 5001
+
+LABEL_KIND = "modelfleet.kind"
+LABEL_RUNTIME = "modelfleet.runtime"  # on service images: the runtime image id they build on
+
+
+class ImageBuildError(DeploymentError):
+    """An image could not be built; the message carries the failing step."""
+
+
+def _hash(parts: Iterable[str | bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _image_exists(client: Any, ref: str) -> bool:
+    import docker.errors
+
+    try:
+        client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- base
+
+
+def _debian_mirror() -> str:
+    """The mirror the host's apt uses, so debootstrap reaches what apt reaches."""
+    env = os.environ.get("MODELFLEET_DEBIAN_MIRROR")
+    if env:
+        return env
+    for source in [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]:
+        try:
+            text = source.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+            if line.startswith("deb ") and "debian" in line and "security" not in line:
+                fields = [f for f in line.split() if not f.startswith("[")]
+                if len(fields) >= 2 and fields[1].startswith("http"):
+                    return fields[1]
+    return DEFAULT_MIRROR
+
+
+def _debootstrap_binary() -> str:
+    found = shutil.which("debootstrap") or (
+        "/usr/sbin/debootstrap" if Path("/usr/sbin/debootstrap").exists() else None
+    )
+    if not found:
+        raise ImageBuildError(
+            "debootstrap is not installed; install it (apt-get install debootstrap) "
+            "or pass --base-image with a local image that has python3 and python3-venv"
+        )
+    return found
+
+
+def default_base_image_tag() -> str:
+    """The tag of the default base image for this machine's inputs (built or not)."""
+    key = _hash(["v1", DEBIAN_SUITE, "minbase", ",".join(DEBIAN_INCLUDE), _debian_mirror()])
+    return f"{BASE_REPO}:{DEBIAN_SUITE}-py311-{key[:12]}"
+
+
+def ensure_base_image(client: Any, progress: Progress = lambda _line: None) -> str:
+    """Build (once per machine) and return the default base image tag.
+
+    `debootstrap --variant=minbase` into a temporary folder outside the repo,
+    then `docker import`; about 45 s the first time, nothing afterwards.
+    """
+    tag = default_base_image_tag()
+    if _image_exists(client, tag):
+        progress(f"base image {tag} is cached")
+        return tag
+    if os.geteuid() != 0:
+        raise ImageBuildError(
+            "building the base image with debootstrap needs root; run once as root "
+            "(modelfleet docker base-image) or pass --base-image"
+        )
+    debootstrap = _debootstrap_binary()
+    work = cache_root() / "base-rootfs"
+    work.mkdir(parents=True, exist_ok=True)
+    mirror = _debian_mirror()
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        progress(f"debootstrap {DEBIAN_SUITE} minbase from {mirror} (about a minute, once)")
+        cmd = [
+            debootstrap,
+            "--variant=minbase",
+            f"--include={','.join(DEBIAN_INCLUDE)}",
+            DEBIAN_SUITE,
+            str(rootfs),
+            mirror,
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+            raise ImageBuildError(
+                f"debootstrap failed (exit {result.returncode}): " + " | ".join(tail)
+            )
+        # Trim what a server never needs: apt lists and caches, docs.
+        for sub in ["var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"]:
+            target = rootfs / sub
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True, exist_ok=True)
+        progress(f"docker import -> {tag}")
+        _docker_import(client, rootfs, tag)
+    progress(f"base image {tag} built")
+    return tag
+
+
+def _docker_import(client: Any, rootfs: Path, tag: str) -> None:
+    """`tar -C rootfs -c . | docker import` through the SDK, streamed from a temp file."""
+    repo, _, version = tag.partition(":")
+    with tempfile.TemporaryFile(dir=rootfs.parent) as fh:
+        with tarfile.open(fileobj=fh, mode="w") as tar:
+            tar.add(str(rootfs), arcname=".")
+        fh.seek(0)
+        client.api.import_image_from_data(
+            fh,
+            repository=repo,
+            tag=version,
+            changes=[
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "ENV LANG=C.UTF-8",
+                f'LABEL {LABEL_KIND}="base"',
+            ],
+        )
+    if not _image_exists(client, tag):
+        raise ImageBuildError(f"docker import did not produce {tag}")
+
+
+def resolve_base_image(client: Any, base_image: str | None, progress: Progress) -> str:
+    """The configured base image (must exist locally: nothing is pulled) or the default."""
+    if base_image is None:
+        return ensure_base_image(client, progress)
+    if not _image_exists(client, base_image):
+        raise ImageBuildError(
+            f"base image {base_image!r} is not present in the local Docker engine; "
+            "images are never pulled: `docker load` or `docker import` it first"
+        )
+    return base_image
+
+
+# ------------------------------------------------------------------------ runtime
+
+_RUNTIME_DOCKERFILE = """\
+FROM {base} AS build
+RUN python3 -m venv {venv}
+COPY deps/ /wheels/deps/
+RUN {venv}/bin/pip install --no-cache-dir --no-index --progress-bar off \\
+    --find-links /wheels/deps -r /wheels/deps/requirements.txt
+COPY local/ /wheels/local/
+RUN {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off /wheels/local/*.whl
+COPY user/ /wheels/user/
+RUN if [ -s /wheels/user/requirements.txt ]; then \\
+    {venv}/bin/pip install --no-cache-dir --no-index --progress-bar off \\
+    --find-links /wheels/user --find-links /wheels/deps -r /wheels/user/requirements.txt; fi
+
+FROM {base}
+COPY --from=build {venv} {venv}
+ENV PATH={venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    PYTHONUNBUFFERED=1 \\
+    LANG=C.UTF-8
+"""
+
+
+def ensure_runtime_image(
+    client: Any,
+    base: str,
+    scoring: Wheelhouse,
+    user: Wheelhouse | None,
+    progress: Progress = lambda _line: None,
+) -> str:
+    """Base + a venv with modelfleet-scoring and the user's requirements, offline."""
+    base_id = client.images.get(base).id
+    dockerfile = _RUNTIME_DOCKERFILE.format(base=base_id, venv=VENV_DIR)
+    key = _hash(["runtime-v1", base_id, scoring.key, user.key if user else "", dockerfile])
+    tag = f"{RUNTIME_REPO}:{key[:16]}"
+    if _image_exists(client, tag):
+        progress(f"runtime image {tag} is cached")
+        return tag
+    progress(f"building runtime image {tag} (dependencies from the wheelhouse, no network)")
+    with tempfile.TemporaryFile() as context:
+        with tarfile.open(fileobj=context, mode="w") as tar:
+            _add_bytes(tar, "Dockerfile", dockerfile.encode())
+            for wheel in sorted(scoring.path.glob("*.whl")):
+                tar.add(str(wheel), arcname=f"deps/{wheel.name}")
+            _add_bytes(tar, "deps/requirements.txt", scoring.requirements.read_bytes())
+            for wheel in scoring.local_wheels():
+                tar.add(str(wheel), arcname=f"local/{wheel.name}")
+            if user is not None:
+                for wheel in sorted(user.path.glob("*.whl")):
+                    tar.add(str(wheel), arcname=f"user/{wheel.name}")
+                _add_bytes(tar, "user/requirements.txt", user.requirements.read_bytes())
+            else:
+                _add_bytes(tar, "user/requirements.txt", b"")
+        context.seek(0)
+        build_image(client, context, tag, {LABEL_KIND: "runtime"}, progress)
+    return tag
+
+
+# ------------------------------------------------------------------------ service
+
+# The image's entry point: reads the release that `current` points at, so a
+# container restarted after a hot-swap comes back on the swapped-in version.
+_LAUNCHER = """\
+#!/bin/sh
+set -e
+. {current}/release.env
+if [ -n "$ENTRY_SCRIPT" ]; then
+  set -- --entry-script "$ENTRY_SCRIPT" "$@"
+fi
+exec {venv}/bin/python -m modelfleet.scoring serve --host 0.0.0.0 --port {port} \\
+  --model-dir "$MODEL_DIR" --model-name "$MODEL_NAME" --model-version "$MODEL_VERSION" "$@"
+"""
+
+_SERVICE_DOCKERFILE = """\
+FROM {runtime}
+COPY launch.sh {app_root}/launch.sh
+COPY release/ {releases}/{release_id}/
+RUN chmod 0755 {app_root}/launch.sh && ln -sfn releases/{release_id} {current}
+ENV MODELFLEET_MODEL_DIR={current}/model AZUREML_MODEL_DIR={current}/model
+EXPOSE {port}
+ENTRYPOINT ["{app_root}/launch.sh"]
+"""
+
+
+@dataclass(frozen=True)
+class Release:
+    """Model files + entry-script source, staged on the host and named by their hash.
+
+    Inside a container it lives at `RELEASES_DIR/<id>`: `model/` (the model
+    directory the server gets), `app/` (the source directory), `release.env`.
+    """
+
+    id: str
+    path: Path  # the staged folder on the host
+    model_name: str
+    model_version: str
+    entry_script: str | None  # path inside the container, or None (no-code mode)
+
+    @property
+    def model_dir(self) -> str:
+        return f"{RELEASES_DIR}/{self.id}/model"
+
+    def tar(self) -> bytes:
+        """The release as a tar whose single top folder is its id (for put_archive)."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(str(self.path), arcname=self.id, filter=_normalise)
+        return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model version to place in a release (mirrors targets.base.ModelBinding)."""
+
+    name: str
+    version: int
+    path: Path
+    framework: str
+
+
+_SKIP_NAMES = {"__pycache__", ".git", ".venv", ".mypy_cache", ".pytest_cache"}
+
+
+def _copy_model(source: ModelSource, dest: Path) -> None:
+    if not source.path.exists():
+        raise ImageBuildError(
+            f"model file {source.path} of {source.name}:{source.version} is missing"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.path.is_dir():
+        shutil.copytree(source.path, dest, dirs_exist_ok=True)
+        return
+    name = source.path.name
+    # A content-addressed blob has no extension; no-code mode finds models by it.
+    if not source.path.suffix and source.framework in {"onnx", "tflite"}:
+        name = f"model.{source.framework}"
+    shutil.copy2(source.path, dest / name)
+
+
+def stage_release(
+    workdir: Path,
+    models: Iterable[ModelSource],
+    source_directory: Path | None,
+    entry_script: str | None,
+    service_name: str,
+) -> Release:
+    """Copy models and source into `workdir/releases/<id>` (id = hash of the content)."""
+    models = list(models)
+    if not models:
+        raise ImageBuildError("a service needs at least one model")
+    root = workdir / "releases"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        model_root = tmp / "model"
+        if len(models) == 1:
+            _copy_model(models[0], model_root)
+            model_name, model_version = models[0].name, str(models[0].version)
+        else:
+            # Several models: the model dir holds <name>/<version>/, as AZUREML_MODEL_DIR does.
+            for m in models:
+                _copy_model(m, model_root / m.name / str(m.version))
+            model_name = service_name
+            model_version = "+".join(f"{m.name}.{m.version}" for m in models)
+        script_in_container: str | None = None
+        if entry_script is not None:
+            app = tmp / "app"
+            if source_directory is not None:
+                if not source_directory.is_dir():
+                    raise ImageBuildError(f"source directory {source_directory} does not exist")
+                shutil.copytree(
+                    source_directory,
+                    app,
+                    ignore=lambda _d, names: [n for n in names if n in _SKIP_NAMES],
+                )
+                script = source_directory / entry_script
+            else:
+                script = Path(entry_script)
+                app.mkdir()
+                if script.is_file():
+                    shutil.copy2(script, app / script.name)
+                entry_script = script.name
+            if not script.is_file():
+                raise ImageBuildError(
+                    f"entry script {entry_script} not found"
+                    + (f" in source directory {source_directory}" if source_directory else "")
+                )
+        release_id = _tree_digest(tmp)[:16]
+        if entry_script is not None:
+            script_in_container = f"{RELEASES_DIR}/{release_id}/app/{entry_script}"
+        env = {
+            "MODEL_DIR": f"{RELEASES_DIR}/{release_id}/model",
+            "ENTRY_SCRIPT": script_in_container or "",
+            "MODEL_NAME": model_name,
+            "MODEL_VERSION": model_version,
+        }
+        (tmp / "release.env").write_text("".join(f"{k}={_sh_quote(v)}\n" for k, v in env.items()))
+        final = root / release_id
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Release(release_id, final, model_name, model_version, script_in_container)
+
+
+def ensure_service_image(
+    client: Any, runtime: str, release: Release, progress: Progress = lambda _line: None
+) -> tuple[str, bool]:
+    """Build the service image unless its content-derived tag exists.
+
+    Returns (tag, built): `built` is False when an identical image was reused.
+    """
+    runtime_id = client.images.get(runtime).id
+    launcher = _LAUNCHER.format(current=CURRENT_LINK, venv=VENV_DIR, port=CONTAINER_PORT)
+    dockerfile = _SERVICE_DOCKERFILE.format(
+        runtime=runtime_id,
+        app_root=APP_ROOT,
+        releases=RELEASES_DIR,
+        release_id=release.id,
+        current=CURRENT_LINK,
+        port=CONTAINER_PORT,
+    )
+    key = _hash(["service-v1", runtime_id, release.id, launcher, dockerfile])
+    tag = f"{SERVICE_REPO}:{key[:16]}"
+    if _image_exists(client, tag):
+        progress(f"image {tag} is up to date (not rebuilt)")
+        return tag, False
+    progress(f"building image {tag}")
+    with tempfile.TemporaryFile() as context:
+        with tarfile.open(fileobj=context, mode="w") as tar:
+            _add_bytes(tar, "Dockerfile", dockerfile.encode())
+            _add_bytes(tar, "launch.sh", launcher.encode(), mode=0o755)
+            tar.add(str(release.path), arcname="release", filter=_normalise)
+        context.seek(0)
+        labels = {
+            LABEL_KIND: "service",
+            "modelfleet.release": release.id,
+            LABEL_RUNTIME: runtime_id,
+        }
+        build_image(client, context, tag, labels, progress)
+    return tag, True
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def build_image(
+    client: Any, context: Any, tag: str, labels: dict[str, str], progress: Progress
+) -> None:
+    """`docker build` a prepared tar context, forwarding the build stream as progress.
+
+    The build runs with no network: everything it needs is in the context.
+    """
+    import docker.errors
+
+    try:
+        stream: Iterator[dict[str, Any]] = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            labels=labels,
+            rm=True,
+            forcerm=True,
+            network_mode="none",
+            decode=True,
+        )
+        last: list[str] = []
+        for chunk in stream:
+            if "error" in chunk:
+                detail = str(chunk.get("error", "")).strip()
+                raise ImageBuildError(
+                    f"docker build of {tag} failed: {detail}"
+                    + (f" (after: {' | '.join(last[-3:])})" if last else "")
+                )
+            text = str(chunk.get("stream", "")).strip()
+            for line in text.splitlines():
+                if line.strip():
+                    last.append(line.strip())
+                    progress(line.strip())
+    except docker.errors.APIError as exc:
+        raise ImageBuildError(f"docker build of {tag} failed: {exc.explanation or exc}") from exc
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Deterministic, root-owned entries, so content alone decides the build cache."""
+    if any(part in _SKIP_NAMES for part in Path(info.name).parts):
+        return None
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mtime = 0
+    return info
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root)).encode()
+        if path.is_symlink():
+            h.update(b"L" + rel + b"\0" + os.readlink(path).encode() + b"\0")
+        elif path.is_file():
+            h.update(b"F" + rel + b"\0" + bytes([path.stat().st_mode & 0o111 != 0]))
+            with path.open("rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+        elif path.is_dir():
+            h.update(b"D" + rel + b"\0")
+    return h.hexdigest()
+
+
+def _sh_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def image_labels(client: Any, ref: str) -> dict[str, str]:
+    labels = client.images.get(ref).labels or {}
+    return {str(k): str(v) for k, v in labels.items()}
+
+
+def remove_image_if_unused(client: Any, ref: str) -> bool:
+    """Remove a service image no container uses (any state); True when removed."""
+    import docker.errors
+
+    try:
+        image = client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    users = client.containers.list(all=True, filters={"ancestor": image.id})
+    if users:
+        return False
+    try:
+        # By tag: an identical build shared by another service keeps its own tag.
+        client.images.remove(ref, force=False, noprune=False)
+    except docker.errors.APIError:
+        return False  # e.g. still tagged by another service's identical build
+    return True

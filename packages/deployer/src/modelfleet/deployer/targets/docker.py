@@ -1,0 +1,456 @@
+"""The Docker deployment target: one container per service on the local engine.
+
+Images are built offline (see `modelfleet.deployer.docker_images`), published
+on 127.0.0.1 with the deployment's cpu/memory limits. The service workdir is
+bind-mounted read-only, so rotating keys there (atomic rename) reaches the
+server with no restart. `update` hot-swaps: the new release is copied into
+the running container, loaded and warmed beside the old one through the
+server's admin endpoint, and only then does traffic move; the rebuilt image
+is recorded so a recreated container starts on the new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelfleet.deployer import docker_images as images
+from modelfleet.deployer import wheelhouse
+from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.targets.base import (
+    Progress,
+    ServiceRecord,
+    ServiceSpec,
+    ServiceStatus,
+)
+
+log = logging.getLogger(__name__)
+
+WORKDIR_IN_CONTAINER = "/var/modelfleet/service"
+LABEL_SERVICE = "modelfleet.service"
+LABEL_TARGET = "modelfleet.target"
+LAST_LOG_LINES = 20
+READY_TIMEOUT_S = float(os.environ.get("MODELFLEET_DOCKER_READY_TIMEOUT", "120"))
+KEYS_FILE = Path("secrets") / "keys.json"  # relative to the service workdir
+ADMIN_KEY_FILE = Path("secrets") / "admin.key"
+
+
+class DockerTargetError(DeploymentError):
+    """A Docker deployment failed; the message says which step and why."""
+
+
+class DockerTarget:
+    """`DeploymentTarget` for a local Docker engine."""
+
+    name = "docker"
+
+    def __init__(self, client: Any | None = None) -> None:
+        self._client = client
+
+    # ------------------------------------------------------------------ engine
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                client = docker.from_env(timeout=300)
+                client.ping()
+            except Exception as exc:  # any failure to reach the engine reads the same to a user
+                raise DockerTargetError(
+                    f"no Docker engine reachable ({exc.__class__.__name__}); start dockerd "
+                    "(./run.sh test starts one) or set DOCKER_HOST"
+                ) from exc
+            self._client = client
+        return self._client
+
+    # ------------------------------------------------------------------ images
+
+    def build(self, spec: ServiceSpec, progress: Progress) -> tuple[str, images.Release, bool]:
+        """Build (or reuse) the service image for `spec`: (tag, release, built)."""
+        _check_entry_script(spec)
+        client = self.client
+        base = images.resolve_base_image(client, spec.inference.base_image, progress)
+        scoring = wheelhouse.scoring_wheelhouse(progress)
+        reqs = wheelhouse.user_requirements(
+            spec.inference.requirements_file, spec.inference.conda_file
+        )
+        user = wheelhouse.requirements_wheelhouse(reqs, progress) if reqs else None
+        runtime = images.ensure_runtime_image(client, base, scoring, user, progress)
+        release = images.stage_release(
+            spec.workdir,
+            [images.ModelSource(m.name, m.version, m.path, m.framework) for m in spec.models],
+            spec.inference.source_directory,
+            spec.inference.entry_script,
+            spec.name,
+        )
+        tag, built = images.ensure_service_image(client, runtime, release, progress)
+        return tag, release, built
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def deploy(self, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
+        import docker.errors
+
+        client = self.client
+        container_name = _container_name(spec.name)
+        try:
+            client.containers.get(container_name)
+        except docker.errors.NotFound:
+            pass
+        else:
+            raise DockerTargetError(
+                f"a container named {container_name} already exists; "
+                f"delete the service first (modelfleet service delete {spec.name})"
+            )
+        tag, release, _built = self.build(spec, progress)
+        port = spec.deployment.port or _free_port()
+        keys_file = _ensure_keys(spec)
+        _ensure_admin_key(spec.workdir)
+        progress(f"starting container {container_name} on 127.0.0.1:{port}")
+        container = self._run(spec, tag, port, keys_file)
+        try:
+            _wait_ready(container, port, progress)
+        except BaseException:
+            _remove_container(container)
+            images.remove_image_if_unused(client, tag)
+            raise
+        progress(f"{spec.name} is ready at http://127.0.0.1:{port}/score")
+        return ServiceRecord(
+            name=spec.name,
+            target=self.name,
+            state="healthy",
+            scoring_uri=f"http://127.0.0.1:{port}/score",
+            swagger_uri=f"http://127.0.0.1:{port}/swagger.json",
+            models=[f"{m.name}:{m.version}" for m in spec.models],
+            target_data={
+                "container_id": container.id,
+                "container_name": container_name,
+                "image": tag,
+                "release": release.id,
+                "port": port,
+                "workdir": str(spec.workdir),
+                "keys_file": str(keys_file) if keys_file else None,
+                "admin_key_file": str(spec.workdir / ADMIN_KEY_FILE),
+            },
+        )
+
+    def update(self, record: ServiceRecord, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
+        container = self._container(record)
+        tag, release, _built = self.build(spec, progress)
+        data = dict(record.target_data)
+        port = int(data["port"])
+        if release.id == data.get("release") and tag == data.get("image"):
+            progress("nothing changed; the service keeps its current version")
+            return record
+        running_runtime = _runtime_of(self.client, str(data["image"]))
+        new_runtime = _runtime_of(self.client, tag)
+        if running_runtime != new_runtime:
+            raise DockerTargetError(
+                "the update changes the image's dependencies or base image, which cannot be "
+                "hot-swapped; deploy it as a new service (or delete and redeploy this one)"
+            )
+        progress(f"copying release {release.id} into {data['container_name']}")
+        try:
+            container.put_archive(images.RELEASES_DIR, release.tar())
+        except Exception as exc:
+            raise DockerTargetError(
+                f"cannot copy the new release into the container: {exc}"
+            ) from exc
+        progress(f"loading {release.model_name}:{release.model_version} beside the running version")
+        admin_key = (Path(data["workdir"]) / ADMIN_KEY_FILE).read_text().strip()
+        try:
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v2/repository/models/{release.model_name}/load",
+                json={
+                    "model_dir": release.model_dir,
+                    "entry_script": release.entry_script,
+                    "version": release.model_version,
+                },
+                headers={"Authorization": f"Bearer {admin_key}"},
+                timeout=READY_TIMEOUT_S,
+            )
+        except httpx.HTTPError as exc:
+            raise DockerTargetError(
+                f"the scoring server did not answer the load request: {exc}"
+            ) from exc
+        if response.status_code != 200:
+            container.exec_run(["rm", "-rf", f"{images.RELEASES_DIR}/{release.id}"])
+            raise DockerTargetError(
+                f"the new version was refused ({response.status_code}): {_error_text(response)}; "
+                "the previous version keeps serving"
+            )
+        # Traffic is on the new version; make a restart of this container start there too.
+        container.exec_run(["ln", "-sfn", f"releases/{release.id}", images.CURRENT_LINK])
+        if data.get("release") and data["release"] != release.id:
+            container.exec_run(["rm", "-rf", f"{images.RELEASES_DIR}/{data['release']}"])
+        progress(
+            f"{spec.name} now serves {', '.join(f'{m.name}:{m.version}' for m in spec.models)}"
+        )
+        data.update(image=tag, release=release.id)
+        return ServiceRecord(
+            name=record.name,
+            target=self.name,
+            state="healthy",
+            scoring_uri=record.scoring_uri,
+            swagger_uri=record.swagger_uri,
+            models=[f"{m.name}:{m.version}" for m in spec.models],
+            target_data=data,
+        )
+
+    def status(self, record: ServiceRecord) -> ServiceStatus:
+        import docker.errors
+
+        try:
+            container = self._container(record)
+        except DockerTargetError as exc:
+            return ServiceStatus("failed", str(exc))
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return ServiceStatus("failed", "the container no longer exists")
+        state = container.attrs.get("State", {})
+        if state.get("Running") and not state.get("Restarting"):
+            port = int(record.target_data["port"])
+            if _is_ready(port):
+                return ServiceStatus("healthy", f"container {container.short_id} running")
+            return ServiceStatus("creating", "container running, scoring server not ready yet")
+        detail = f"container {state.get('Status', 'unknown')}"
+        if state.get("ExitCode"):
+            detail += f" (exit code {state['ExitCode']})"
+        if state.get("Error"):
+            detail += f": {state['Error']}"
+        return ServiceStatus("failed", detail, _last_lines(container))
+
+    def logs(self, record: ServiceRecord, follow: bool) -> Iterator[str]:
+        container = self._container(record)
+        pending = b""
+        for chunk in container.logs(stream=True, follow=follow, stdout=True, stderr=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace")
+        if pending:
+            yield pending.decode(errors="replace")
+
+    def delete(self, record: ServiceRecord, progress: Progress) -> None:
+        """Remove the container and the service's image (base/runtime images stay cached)."""
+        import docker.errors
+
+        client = self.client
+        name = str(record.target_data.get("container_name") or _container_name(record.name))
+        try:
+            container = client.containers.get(record.target_data.get("container_id") or name)
+        except docker.errors.NotFound:
+            progress(f"container {name} is already gone")
+        else:
+            progress(f"removing container {name}")
+            _remove_container(container)
+        image = record.target_data.get("image")
+        if image and images.remove_image_if_unused(client, str(image)):
+            progress(f"removed image {image}")
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, spec: ServiceSpec, tag: str, port: int, keys_file: Path | None) -> Any:
+        import docker.errors
+
+        d = spec.deployment
+        workdir = spec.workdir.resolve()
+        command = [
+            "--admin-key-file", f"{WORKDIR_IN_CONTAINER}/{ADMIN_KEY_FILE.as_posix()}",
+            "--scoring-timeout-ms", str(d.scoring_timeout_ms),
+            "--max-concurrent-requests", str(d.max_concurrent_requests),
+        ]  # fmt: skip
+        if keys_file is not None:
+            rel = keys_file.resolve().relative_to(workdir).as_posix()
+            command += ["--keys-file", f"{WORKDIR_IN_CONTAINER}/{rel}"]
+        try:
+            return self.client.containers.run(
+                tag,
+                command=command,
+                name=_container_name(spec.name),
+                detach=True,
+                init=True,  # signals reach the server; no zombie processes
+                ports={f"{images.CONTAINER_PORT}/tcp": ("127.0.0.1", port)},
+                nano_cpus=int(d.cpu_cores * 1e9),
+                mem_limit=int(d.memory_gb * 1024**3),
+                volumes={str(workdir): {"bind": WORKDIR_IN_CONTAINER, "mode": "ro"}},
+                labels={
+                    LABEL_SERVICE: spec.name,
+                    LABEL_TARGET: self.name,
+                    "modelfleet.models": ",".join(f"{m.name}:{m.version}" for m in spec.models),
+                },
+                restart_policy={"Name": "unless-stopped"},
+            )
+        except docker.errors.APIError as exc:
+            self._cleanup_failed_start(spec.name)
+            text = str(exc.explanation or exc)
+            if "port is already allocated" in text or "address already in use" in text:
+                raise DockerTargetError(
+                    f"port {port} on 127.0.0.1 is already in use; choose another port "
+                    "(deployment config `port`) or leave it unset to pick a free one"
+                ) from exc
+            raise DockerTargetError(f"cannot start the container: {text}") from exc
+
+    def _cleanup_failed_start(self, service: str) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            _remove_container(self.client.containers.get(_container_name(service)))
+
+    def _container(self, record: ServiceRecord) -> Any:
+        import docker.errors
+
+        ref = record.target_data.get("container_id") or _container_name(record.name)
+        try:
+            return self.client.containers.get(ref)
+        except docker.errors.NotFound as exc:
+            raise DockerTargetError(
+                f"the container of service {record.name} no longer exists; "
+                f"delete the service and deploy it again"
+            ) from exc
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _container_name(service: str) -> str:
+    return f"modelfleet-{service}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _check_entry_script(spec: ServiceSpec) -> None:
+    """Fail before any build when the entry script does not even compile."""
+    inf = spec.inference
+    if inf.entry_script is None:
+        return
+    script = (
+        (inf.source_directory / inf.entry_script)
+        if inf.source_directory
+        else Path(inf.entry_script)
+    )
+    if not script.is_file():
+        where = f" in source directory {inf.source_directory}" if inf.source_directory else ""
+        raise DockerTargetError(f"entry script {inf.entry_script} not found{where}")
+    try:
+        compile(script.read_bytes(), str(script), "exec")
+    except SyntaxError as exc:
+        raise DockerTargetError(
+            f"{inf.entry_script} line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()}"
+        ) from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _ensure_keys(spec: ServiceSpec) -> Path | None:
+    """The service's keys file (contract section 1), created unless the deployer wrote one."""
+    if not spec.deployment.auth_enabled:
+        return None
+    path = spec.workdir / KEYS_FILE
+    if not path.is_file():
+        keys = {
+            "primary": spec.deployment.primary_key or secrets.token_urlsafe(32),
+            "secondary": spec.deployment.secondary_key or secrets.token_urlsafe(32),
+        }
+        _write_atomic(path, json.dumps(keys))
+    return path
+
+
+def _ensure_admin_key(workdir: Path) -> str:
+    path = workdir / ADMIN_KEY_FILE
+    if not path.is_file():
+        _write_atomic(path, secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def _runtime_of(client: Any, image: str) -> str:
+    """The runtime image (dependencies + base) a service image was built on."""
+    import docker.errors
+
+    try:
+        return images.image_labels(client, image).get(images.LABEL_RUNTIME, "")
+    except docker.errors.ImageNotFound:
+        return ""
+
+
+def _is_ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_ready(container: Any, port: int, progress: Progress) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    progress("waiting for /v2/health/ready")
+    while time.monotonic() < deadline:
+        container.reload()
+        state = container.attrs.get("State", {})
+        if (
+            not state.get("Running")
+            or state.get("Restarting")
+            or container.attrs.get("RestartCount")
+        ):
+            lines = _last_lines(container)
+            raise DockerTargetError(
+                f"the container exited during start (exit code {state.get('ExitCode')}); "
+                "last log lines:\n" + "\n".join(lines)
+            )
+        if _is_ready(port):
+            return
+        time.sleep(0.2)
+    lines = _last_lines(container)
+    raise DockerTargetError(
+        f"the scoring server was not ready after {READY_TIMEOUT_S:.0f}s; last log lines:\n"
+        + "\n".join(lines)
+    )
+
+
+def _last_lines(container: Any) -> tuple[str, ...]:
+    try:
+        raw = container.logs(tail=LAST_LOG_LINES, stdout=True, stderr=True)
+    except Exception:  # the container may be gone already; status must still answer
+        return ()
+    return tuple(raw.decode(errors="replace").splitlines()[-LAST_LOG_LINES:])
+
+
+def _remove_container(container: Any) -> None:
+    import docker.errors
+
+    with contextlib.suppress(docker.errors.NotFound):
+        container.remove(force=True, v=True)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        stage = body.get("stage")
+        return f"{body.get('error', body)}" + (f" (stage {stage})" if stage else "")
+    return str(body)[:300]
