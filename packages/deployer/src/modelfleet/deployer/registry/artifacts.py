@@ -1,0 +1,181 @@
+"""Content-addressed blob storage for model artifacts (contract section 3).
+
+Blobs live at `blobs/sha256/<2 hex>/<64 hex>`. A blob is written to a temp
+file in the same folder, fsynced and renamed into place, so a killed writer
+leaves at most a stray temp file, never a truncated blob under a digest.
+Folders are stored as an uncompressed, deterministic tar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from modelfleet.deployer.errors import ArtifactError
+
+ArtifactFormat = Literal["file", "tar"]
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    sha256: str
+    size: int
+    format: ArtifactFormat
+    filename: str  # the model file's name, or the folder's name for a tar
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    if not (info.isfile() or info.isdir()):
+        return None  # symlinks and devices would make the tar depend on the host
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
+    return info
+
+
+def write_deterministic_tar(folder: Path, out: BinaryIO) -> None:
+    """Pack `folder`'s contents (relative paths, sorted, mtime 0, uid/gid 0)."""
+    entries = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_dir())
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for entry in entries:
+            if entry.is_symlink():
+                continue
+            arcname = entry.relative_to(folder).as_posix()
+            tar.add(entry, arcname=arcname, recursive=False, filter=_tar_filter)
+
+
+class BlobStore:
+    """Blobs addressed by sha256 under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs" / "sha256"
+        self.unpacked = root / "unpacked"
+
+    def path(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, source: Path) -> StoredBlob:
+        """Store a model file or folder; returns its digest. Idempotent."""
+        if not source.exists():
+            raise ArtifactError(
+                f"model path {source} does not exist", hint="check the --path/-p argument"
+            )
+        if source.is_dir():
+            if not any(p.is_file() for p in source.rglob("*")):
+                raise ArtifactError(f"model folder {source} contains no files")
+            fmt: ArtifactFormat = "tar"
+        elif source.is_file():
+            fmt = "file"
+        else:
+            raise ArtifactError(f"model path {source} is neither a file nor a folder")
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=self.blobs)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "w+b") as out:
+                if fmt == "tar":
+                    write_deterministic_tar(source, out)
+                else:
+                    try:
+                        with source.open("rb") as src:
+                            shutil.copyfileobj(src, out, _CHUNK)
+                    except OSError as exc:
+                        raise ArtifactError(f"cannot read model file {source}: {exc}") from exc
+                out.flush()
+                os.fsync(out.fileno())
+                out.seek(0)
+                digest = hashlib.sha256()
+                size = 0
+                while chunk := out.read(_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+            sha = digest.hexdigest()
+            final = self.path(sha)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, final)  # same bytes either way, so a concurrent writer is harmless
+            _fsync_dir(final.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StoredBlob(sha256=sha, size=size, format=fmt, filename=source.name)
+
+    def verify(self, sha256: str) -> None:
+        path = self.path(sha256)
+        if not path.is_file():
+            raise ArtifactError(f"blob {sha256[:12]} is missing from {self.blobs}")
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise ArtifactError(f"blob {sha256[:12]} is corrupt (digest mismatch)")
+
+    def materialise(self, sha256: str, fmt: ArtifactFormat, filename: str) -> Path:
+        """A read-only folder holding the artifact as users registered it.
+
+        For a file: `unpacked/<sha>/<filename>` (the returned path is the file);
+        for a tar: the unpacked folder. Shared by every service using it.
+        """
+        folder = self.unpacked / sha256
+        result = folder / filename if fmt == "file" else folder
+        if folder.is_dir():
+            return result
+        blob = self.path(sha256)
+        if not blob.is_file():
+            raise ArtifactError(f"blob {sha256[:12]} is missing from {self.blobs}")
+        self.unpacked.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=self.unpacked))
+        try:
+            if fmt == "file":
+                shutil.copyfile(blob, tmp / filename)
+            else:
+                with tarfile.open(blob, mode="r:") as tar:
+                    tar.extractall(tmp, filter="data")
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not folder.is_dir():  # lost a race with an identical writer otherwise
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
+
+    def remove(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+        shutil.rmtree(self.unpacked / sha256, ignore_errors=True)
+
+    def export(self, sha256: str, fmt: ArtifactFormat, filename: str, dest: Path) -> Path:
+        """Copy the artifact to `dest` (a folder): the file, or the unpacked folder."""
+        dest.mkdir(parents=True, exist_ok=True)
+        blob = self.path(sha256)
+        if not blob.is_file():
+            raise ArtifactError(f"blob {sha256[:12]} is missing from {self.blobs}")
+        if fmt == "file":
+            target = dest / filename
+            shutil.copyfile(blob, target)
+            return target
+        target = dest / filename
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(blob, mode="r:") as tar:
+            tar.extractall(target, filter="data")
+        return target

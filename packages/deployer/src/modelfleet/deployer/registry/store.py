@@ -1,0 +1,461 @@
+"""The model registry: SQLite metadata beside content-addressed blobs.
+
+SQLite runs in WAL mode; a version is allocated and inserted inside one
+`BEGIN IMMEDIATE` transaction, so concurrent `register` calls serialise on
+the write lock and get distinct versions. The blob is stored first and the
+row inserted last: a killed register leaves no version pointing at missing
+or partial bytes. Deployed services are recorded in the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer.errors import (
+    ModelInUseError,
+    ModelNotFoundError,
+    RegistryError,
+    ServiceExistsError,
+    ServiceNotFoundError,
+)
+from modelfleet.deployer.home import modelfleet_home
+from modelfleet.deployer.registry.artifacts import ArtifactFormat, BlobStore
+from modelfleet.deployer.registry.signing import load_private_key, sign_digest
+from modelfleet.deployer.targets.base import ModelBinding, ServiceRecord
+
+FRAMEWORKS = ("onnx", "tflite", "sklearn", "custom")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    framework TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '{}',
+    properties TEXT NOT NULL DEFAULT '{}',
+    signature TEXT,
+    key_id TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS models_sha256 ON models (sha256);
+CREATE TABLE IF NOT EXISTS services (
+    name TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    scoring_uri TEXT,
+    swagger_uri TEXT,
+    models TEXT NOT NULL DEFAULT '[]',
+    target_data TEXT NOT NULL DEFAULT '{}',
+    config TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered model version."""
+
+    name: str
+    version: int
+    sha256: str
+    size: int
+    format: ArtifactFormat
+    filename: str
+    framework: str
+    description: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    properties: dict[str, str] = field(default_factory=dict)
+    signature: str | None = None
+    key_id: str | None = None
+    created_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "id": self.key,
+            "sha256": self.sha256,
+            "size": self.size,
+            "format": self.format,
+            "filename": self.filename,
+            "framework": self.framework,
+            "description": self.description,
+            "tags": self.tags,
+            "properties": self.properties,
+            "signature": self.signature,
+            "key_id": self.key_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at)),
+        }
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    model: ModelVersion
+    created: bool  # False: identical bytes were already registered under this name
+
+
+def guess_framework(path: Path) -> str:
+    candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    suffixes = {p.suffix.lower() for p in candidates}
+    if ".onnx" in suffixes:
+        return "onnx"
+    if ".tflite" in suffixes:
+        return "tflite"
+    if suffixes & {".pkl", ".joblib", ".pickle"}:
+        return "sklearn"
+    return "custom"
+
+
+def parse_model_id(text: str, *, require_version: bool = False) -> tuple[str, int | None]:
+    """`NAME[:VERSION]` as users write it."""
+    name, sep, version = text.partition(":")
+    if not name:
+        raise RegistryError(f"invalid model reference {text!r}", hint="write NAME:VERSION")
+    if not sep or version in ("", "latest"):
+        if require_version and not sep:
+            raise RegistryError(
+                f"model reference {text!r} needs a version", hint="write NAME:VERSION, e.g. digits:1"
+            )
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise RegistryError(
+            f"invalid version {version!r} in {text!r}", hint="versions are integers from 1"
+        )
+    return name, int(version)
+
+
+def _row_to_model(row: sqlite3.Row) -> ModelVersion:
+    return ModelVersion(
+        name=row["name"],
+        version=row["version"],
+        sha256=row["sha256"],
+        size=row["size"],
+        format=row["format"],
+        filename=row["filename"],
+        framework=row["framework"],
+        description=row["description"],
+        tags=json.loads(row["tags"]),
+        properties=json.loads(row["properties"]),
+        signature=row["signature"],
+        key_id=row["key_id"],
+        created_at=row["created_at"],
+    )
+
+
+def _row_to_service(row: sqlite3.Row) -> ServiceRecord:
+    return ServiceRecord(
+        name=row["name"],
+        target=row["target"],
+        state=row["state"],
+        scoring_uri=row["scoring_uri"],
+        swagger_uri=row["swagger_uri"],
+        models=json.loads(row["models"]),
+        target_data=json.loads(row["target_data"]),
+    )
+
+
+class Registry:
+    """Models and services under one `$MODELFLEET_HOME`."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home if home is not None else modelfleet_home()
+        self.blobs = BlobStore(self.home)
+        self.db_path = self.home / "registry.db"
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            with self._connect() as conn:
+                conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(
+                f"cannot open the registry at {self.home}: {exc}",
+                hint="set MODELFLEET_HOME to a writable folder",
+            ) from exc
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front (no upgrade deadlocks)."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ models
+
+    def register(
+        self,
+        name: str,
+        path: Path,
+        *,
+        tags: Mapping[str, str] | None = None,
+        properties: Mapping[str, str] | None = None,
+        description: str = "",
+        framework: str | None = None,
+        sign_key: Path | None = None,
+    ) -> RegisterResult:
+        if not _NAME.match(name):
+            raise RegistryError(
+                f"invalid model name {name!r}",
+                hint="use letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        if framework is not None and framework not in FRAMEWORKS:
+            raise RegistryError(
+                f"unknown framework {framework!r}", hint=f"use one of: {', '.join(FRAMEWORKS)}"
+            )
+        key = load_private_key(sign_key) if sign_key is not None else None
+        stored = self.blobs.put(path)
+        signature = sign_digest(key, stored.sha256) if key is not None else None
+        now = time.time()
+        with self._write() as conn:
+            same = conn.execute(
+                "SELECT * FROM models WHERE name = ? AND sha256 = ? ORDER BY version LIMIT 1",
+                (name, stored.sha256),
+            ).fetchone()
+            if same is not None:
+                return RegisterResult(_row_to_model(same), created=False)
+            (latest,) = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM models WHERE name = ?", (name,)
+            ).fetchone()
+            model = ModelVersion(
+                name=name,
+                version=int(latest) + 1,
+                sha256=stored.sha256,
+                size=stored.size,
+                format=stored.format,
+                filename=stored.filename,
+                framework=framework or guess_framework(path),
+                description=description,
+                tags=dict(tags or {}),
+                properties=dict(properties or {}),
+                signature=signature.signature if signature else None,
+                key_id=signature.key_id if signature else None,
+                created_at=now,
+            )
+            conn.execute(
+                "INSERT INTO models (name, version, sha256, size, format, filename, framework,"
+                " description, tags, properties, signature, key_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model.name,
+                    model.version,
+                    model.sha256,
+                    model.size,
+                    model.format,
+                    model.filename,
+                    model.framework,
+                    model.description,
+                    json.dumps(model.tags, sort_keys=True),
+                    json.dumps(model.properties, sort_keys=True),
+                    model.signature,
+                    model.key_id,
+                    model.created_at,
+                ),
+            )
+        return RegisterResult(model, created=True)
+
+    def list_models(
+        self, *, name: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> list[ModelVersion]:
+        with self._connect() as conn:
+            if name is None:
+                rows = conn.execute("SELECT * FROM models ORDER BY name, version").fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM models WHERE name = ? ORDER BY version", (name,)
+                ).fetchall()
+        models = [_row_to_model(r) for r in rows]
+        for k, v in (tags or {}).items():
+            models = [m for m in models if m.tags.get(k) == v]
+        return models
+
+    def get_model(self, name: str, version: int | None = None) -> ModelVersion:
+        """A version, or the latest one when `version` is None."""
+        with self._connect() as conn:
+            if version is None:
+                row = conn.execute(
+                    "SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)
+                ).fetchone()
+            if row is None:
+                versions = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT version FROM models WHERE name = ? ORDER BY version", (name,)
+                    )
+                ]
+        if row is not None:
+            return _row_to_model(row)
+        if not versions:
+            raise ModelNotFoundError(f"model {name!r} is not registered")
+        raise ModelNotFoundError(
+            f"model {name!r} has no version {version}",
+            hint=f"registered versions: {', '.join(map(str, versions))}",
+        )
+
+    def resolve(self, text: str) -> ModelVersion:
+        name, version = parse_model_id(text)
+        return self.get_model(name, version)
+
+    def binding(self, model: ModelVersion) -> ModelBinding:
+        """The model as a deployment target sees it: a local, read-only path."""
+        path = self.blobs.materialise(model.sha256, model.format, model.filename)
+        return ModelBinding(
+            name=model.name,
+            version=model.version,
+            path=path,
+            sha256=model.sha256,
+            framework=model.framework,
+        )
+
+    def services_using(self, model: ModelVersion) -> list[str]:
+        return [s.name for s in self.list_services() if model.key in s.models]
+
+    def delete_model(self, name: str, version: int, *, force: bool = False) -> ModelVersion:
+        model = self.get_model(name, version)
+        users = self.services_using(model)
+        if users and not force:
+            raise ModelInUseError(
+                f"model {model.key} is used by service(s) {', '.join(users)}",
+            )
+        with self._write() as conn:
+            conn.execute("DELETE FROM models WHERE name = ? AND version = ?", (name, version))
+            (others,) = conn.execute(
+                "SELECT COUNT(*) FROM models WHERE sha256 = ?", (model.sha256,)
+            ).fetchone()
+            # Inside the write lock, so a concurrent register of the same bytes
+            # cannot insert a row between the count and the removal.
+            if others == 0:
+                if users:
+                    self.blobs.path(model.sha256).unlink(missing_ok=True)
+                else:
+                    self.blobs.remove(model.sha256)
+        return model
+
+    def model_ref(self, model: ModelVersion, base_url: str) -> ModelVersionRef:
+        """The contract's `ModelVersionRef`, with the artifact URL on `base_url`."""
+        return ModelVersionRef(
+            name=model.name,
+            version=model.version,
+            url=f"{base_url.rstrip('/')}/v1/artifacts/{model.sha256}",
+            sha256=model.sha256,
+            size=model.size,
+            format=model.format,
+            filename=model.filename,
+            framework=model.framework,
+            signature=model.signature,
+            key_id=model.key_id,
+        )
+
+    # ------------------------------------------------------------------ services
+
+    def reserve_service(self, name: str, target: str, config: Mapping[str, Any]) -> None:
+        """Claim a service name ("creating"); fails if it is taken."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT state FROM services WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                raise ServiceExistsError(f"service {name!r} already exists (state {row[0]})")
+            conn.execute(
+                "INSERT INTO services (name, target, state, config, created_at, updated_at)"
+                " VALUES (?, ?, 'creating', ?, ?, ?)",
+                (name, target, json.dumps(config), now, now),
+            )
+
+    def save_service(self, record: ServiceRecord, config: Mapping[str, Any] | None = None) -> None:
+        now = time.time()
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE services SET target = ?, state = ?, scoring_uri = ?, swagger_uri = ?,"
+                " models = ?, target_data = ?, updated_at = ? WHERE name = ?",
+                (
+                    record.target,
+                    record.state,
+                    record.scoring_uri,
+                    record.swagger_uri,
+                    json.dumps(record.models),
+                    json.dumps(record.target_data),
+                    now,
+                    record.name,
+                ),
+            )
+            if cur.rowcount == 0:
+                raise ServiceNotFoundError(f"service {record.name!r} does not exist")
+            if config is not None:
+                conn.execute(
+                    "UPDATE services SET config = ? WHERE name = ?",
+                    (json.dumps(config), record.name),
+                )
+
+    def set_service_state(self, name: str, state: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE services SET state = ?, updated_at = ? WHERE name = ?",
+                (state, time.time(), name),
+            )
+
+    def get_service(self, name: str) -> ServiceRecord:
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ServiceNotFoundError(f"service {name!r} does not exist")
+        return _row_to_service(row)
+
+    def service_config(self, name: str) -> dict[str, Any]:
+        with self._connect() as conn:
+            row = conn.execute("SELECT config FROM services WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ServiceNotFoundError(f"service {name!r} does not exist")
+        config: dict[str, Any] = json.loads(row[0])
+        return config
+
+    def list_services(self) -> list[ServiceRecord]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT * FROM services ORDER BY name").fetchall()
+        return [_row_to_service(r) for r in rows]
+
+    def forget_service(self, name: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM services WHERE name = ?", (name,))
+
+    def service_workdir(self, name: str) -> Path:
+        return self.home / "services" / name
