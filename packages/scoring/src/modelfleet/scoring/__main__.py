@@ -1,0 +1,5 @@
+"""`python -m modelfleet.scoring serve ...`"""
+
+from .cli import main
+
+raise SystemExit(main())

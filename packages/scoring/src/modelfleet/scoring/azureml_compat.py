@@ -1,0 +1,173 @@
+"""Raw-request mode as Azure ML scripts write it: `rawhttp`, `AMLRequest`, `AMLResponse`.
+
+Scripts import these from `azureml.contrib.services.aml_request` /
+`aml_response` (or `azureml_inference_server_http.api.*`). When the real
+packages are installed they win; otherwise `install_import_shim()` serves
+those module paths from here, through an import finder placed *last* on
+`sys.meta_path`, so it never shadows or overwrites a real installation.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+RAW_ATTR = "__modelfleet_raw_request__"
+
+# The real module keeps this flag; scripts only ever apply the decorator.
+_rawHttpRequested = False
+
+
+def rawhttp(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark run() as wanting the HTTP request itself (an AMLRequest) instead of parsed data."""
+    global _rawHttpRequested
+    _rawHttpRequested = True
+    setattr(func, RAW_ATTR, True)
+    return func
+
+
+class Headers(Mapping[str, str]):
+    """Case-insensitive, read-only request headers."""
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        self._items = {k.lower(): v for k, v in items.items()}
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._items.get(key.lower(), default)
+
+
+class AMLRequest:
+    """The subset of Flask's Request that raw-mode scripts use: method, headers, args, body."""
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query.encode("latin-1")
+        self.full_path = f"{path}?{query}"
+        self.headers = Headers(headers)
+        self.args: dict[str, str] = dict(parse_qsl(query, keep_blank_values=True))
+        self.data = body
+        self.content_type = self.headers.get("content-type", "")
+        self.mimetype = self.content_type.split(";", 1)[0].strip().lower()
+        self.content_length = len(body)
+
+    def get_data(self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False) -> Any:
+        return self.data.decode("utf-8", "replace") if as_text else self.data
+
+    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        if not force and "json" not in self.mimetype:
+            return None
+        try:
+            return orjson.loads(self.data)
+        except orjson.JSONDecodeError:
+            if silent:
+                return None
+            raise
+
+    @property
+    def json(self) -> Any:
+        return self.get_json()
+
+    @property
+    def files(self) -> Any:
+        raise NotImplementedError(
+            "multipart form uploads are not supported in raw mode; read request.get_data()"
+        )
+
+
+class AMLResponse:
+    """A full response from run(): body, status code, headers (as in azureml.contrib.services)."""
+
+    def __init__(
+        self,
+        message: Any,
+        status_code: int,
+        response_headers: Mapping[str, str] | None = None,
+        json_str: bool = False,
+        run_function_failed: bool = False,
+    ) -> None:
+        self.status_code = int(status_code)
+        self.headers: dict[str, str] = dict(response_headers or {})
+        self.run_function_failed = run_function_failed
+        if json_str or isinstance(message, dict | list):
+            self._data = orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
+            self.headers.setdefault("Content-Type", "application/json")
+        elif isinstance(message, bytes | bytearray):
+            self._data = bytes(message)
+        elif message is None:
+            self._data = b""
+        else:
+            self._data = str(message).encode("utf-8")
+            self.headers.setdefault("Content-Type", "text/html; charset=utf-8")
+
+    def get_data(self, as_text: bool = False) -> Any:
+        return self._data.decode("utf-8", "replace") if as_text else self._data
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+
+_PACKAGES = {"azureml", "azureml.contrib", "azureml.contrib.services", "azureml_inference_server_http", "azureml_inference_server_http.api"}
+_MODULES = {
+    "azureml.contrib.services.aml_request": ("rawhttp", "AMLRequest", "_rawHttpRequested"),
+    "azureml.contrib.services.aml_response": ("AMLResponse",),
+    "azureml_inference_server_http.api.aml_request": ("rawhttp", "AMLRequest", "_rawHttpRequested"),
+    "azureml_inference_server_http.api.aml_response": ("AMLResponse",),
+}
+
+
+class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the Azure ML raw-request modules only when nothing else on sys.meta_path can."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname in _PACKAGES or fullname in _MODULES:
+            return importlib.machinery.ModuleSpec(
+                fullname, self, is_package=fullname in _PACKAGES
+            )
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if module.__name__ in _PACKAGES:
+            module.__path__ = []
+            return
+        this = sys.modules[__name__]
+        for attr in _MODULES[module.__name__]:
+            setattr(module, attr, getattr(this, attr))
+
+
+_finder = _ShimFinder()
+
+
+def install_import_shim() -> None:
+    """Make the Azure ML raw-request import paths resolvable (a no-op where they are installed)."""
+    if _finder not in sys.meta_path:
+        sys.meta_path.append(_finder)

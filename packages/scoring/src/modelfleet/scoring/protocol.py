@@ -1,0 +1,228 @@
+"""HTTP/1.1 on asyncio.Protocol with the httptools parser: keep-alive, pipelining, body limits.
+
+Responses leave in request order: while one request waits for the thread
+pool, later pipelined requests on the same connection queue behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class Request:
+    """One parsed request."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "reject")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+        reject: int = 0,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.reject = reject
+
+
+def render(
+    status: int,
+    body: bytes,
+    content_type: str,
+    request_id: str,
+    extra: list[tuple[str, str]] | None = None,
+    close: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response."""
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        f"content-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"x-request-id: {request_id}\r\n"
+        f"x-ms-request-id: {request_id}\r\n"
+    )
+    if extra:
+        head += "".join(f"{k}: {v}\r\n" for k, v in extra)
+    if close:
+        head += "connection: close\r\n"
+    return (head + "\r\n").encode("latin-1") + body
+
+
+Handler = Callable[[Request], "bytes | Awaitable[bytes]"]
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        max_body_bytes: int,
+        connections: set[HttpConnection],
+        error_response: Callable[[int, str], bytes],
+    ) -> None:
+        self._handler = handler
+        self._max_body = max_body_bytes
+        self._connections = connections
+        self._error = error_response
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._reject = 0
+        self._queue: deque[Request] = deque()
+        self._busy = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        self._closing = True
+        self._transport = None
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        # a client that does not read its responses must not make us buffer without bound
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # --- httptools callbacks ----------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._reject = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        if key in self._headers:
+            self._headers[key] += ", " + text
+        else:
+            self._headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            self._reject = 413
+            if not self._busy:
+                # answer at once rather than reading a body we will throw away
+                self._fail(413, f"request body of {length} bytes exceeds the limit of {self._max_body} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        if self._reject:
+            return
+        self._body_size += len(body)
+        if self._body_size > self._max_body:
+            self._reject = 413
+            self._body = []
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._closing:
+            return
+        url = self._url
+        qpos = url.find(b"?")
+        if qpos >= 0:
+            path, query = url[:qpos].decode("latin-1"), url[qpos + 1 :].decode("latin-1")
+        else:
+            path, query = url.decode("latin-1"), ""
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            self._parser.get_method().decode("latin-1"),
+            path,
+            query,
+            self._headers,
+            body,
+            self._parser.should_keep_alive() and not self._reject,
+            self._reject,
+        )
+        if self._busy:
+            self._queue.append(request)
+        else:
+            self._dispatch(request)
+
+    # --- request handling ---------------------------------------------------
+    def _dispatch(self, request: Request) -> None:
+        result = self._handler(request)
+        if type(result) is bytes:
+            self._write(result, request.keep_alive)
+            return
+        self._busy = True
+        self._task = asyncio.ensure_future(self._finish(request, result))  # type: ignore[arg-type]
+
+    async def _finish(self, request: Request, pending: Awaitable[bytes]) -> None:
+        try:
+            response = await pending
+        except Exception:  # the handler answers errors itself; this is a last resort
+            response = self._error(500, "internal server error")
+        self._busy = False
+        self._write(response, request.keep_alive)
+        while self._queue and not self._busy and not self._closing:
+            self._dispatch(self._queue.popleft())
+
+    def _write(self, response: bytes, keep_alive: bool) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(response)
+        if not keep_alive:
+            self._closing = True
+            transport.close()
+
+    def _fail(self, status: int, message: str) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.write(self._error(status, message))
+            self._transport.close()
+
+    def close(self) -> None:
+        """Close now (server shutdown)."""
+        if self._transport is not None:
+            self._transport.close()
+
+
+def connection_factory(**kwargs: Any) -> Callable[[], HttpConnection]:
+    return lambda: HttpConnection(**kwargs)

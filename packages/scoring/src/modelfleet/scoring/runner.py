@@ -1,0 +1,111 @@
+"""Run a scoring server process (or N worker processes sharing one listening socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from contextlib import suppress
+
+from .errors import ModelLoadError
+from .host import ModelHost, ModelSpec
+from .server import ScoringServer
+from .settings import ServerSettings
+
+log = logging.getLogger("modelfleet.scoring")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d %(message)s",
+    )
+
+
+def serve(settings: ServerSettings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    if settings.model_dir is None:
+        log.error("event=config_error field=model_dir reason=%r", "required (--model-dir or MODELFLEET_MODEL_DIR)")
+        return 2
+    if settings.workers == 1:
+        return _run_worker(settings, None)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    log.info("event=workers count=%d port=%d", settings.workers, sock.getsockname()[1])
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # child: load the model after fork (onnxruntime threads do not survive fork)
+            code = 1
+            try:
+                code = _run_worker(settings, sock)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    sock.close()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    worst = 0
+    remaining = set(children)
+    while remaining:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        remaining.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            worst = worst or (code if code > 0 else 1)
+            # one worker failing (e.g. the model does not load) stops the service
+            forward(signal.SIGTERM, None)
+    return worst
+
+
+def _run_worker(settings: ServerSettings, sock: socket.socket | None) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is optional (Windows); asyncio works, only slower
+        pass
+    return asyncio.run(_main(settings, sock))
+
+
+async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
+    assert settings.model_dir is not None
+    host = ModelHost(inline_threshold_ms=settings.inline_threshold_ms)
+    server = ScoringServer(host, settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
+    # listen first: liveness answers while init() runs, readiness once the model is warm
+    await server.start(sock)
+    spec = ModelSpec(
+        settings.model_dir, settings.entry_script, name=settings.model_name, version=settings.model_version
+    )
+    try:
+        await host.aload(spec)
+    except ModelLoadError as exc:
+        log.error("event=startup_failed stage=%s reason=%r", exc.stage, exc.reason)
+        await server.stop()
+        return 1
+    log.info("event=ready port=%d model=%s version=%s", server.port, spec.name, spec.version)
+    await stop.wait()
+    await server.stop()
+    host.unload()
+    return 0

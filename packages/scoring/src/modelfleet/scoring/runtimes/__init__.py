@@ -1,0 +1,1 @@
+"""Model runtimes: one module per framework, all behind `runtimes.base.ModelRuntime`."""

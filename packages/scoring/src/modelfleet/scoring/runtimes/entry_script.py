@@ -1,0 +1,222 @@
+"""Azure ML style entry scripts: `init()` once, `run(data)` per request.
+
+Compatible with scripts written for Azure ML: the model folder is in
+`MODELFLEET_MODEL_DIR` and `AZUREML_MODEL_DIR`; a plain `run(data)` gets the
+request body as a string; a run() decorated with inference-schema's
+`@input_schema` gets keyword arguments converted to the declared types; a
+`@rawhttp` run() gets the request and may return an `AMLResponse`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .. import azureml_compat
+from ..errors import InputError, ModelLoadError, ScriptError
+from .base import RawResponse, ScoreInput, Signature, is_msgpack
+
+_counter = itertools.count(1)
+# init() reads the model folder from the process environment, so loads run one at a time.
+_env_lock = threading.Lock()
+
+
+class EntryScriptRuntime:
+    """A user's score.py, imported in a module namespace of its own."""
+
+    platform = "python"
+
+    def __init__(self, script: Path, model_dir: Path) -> None:
+        self.script = script
+        self.model_dir = model_dir
+        self.raw = False
+        self.module: types.ModuleType | None = None
+        self._run: Any = None
+        self._schema_decorated = False
+        self._signature = Signature()
+
+    def load(self) -> None:
+        if not self.script.is_file():
+            raise ModelLoadError("load", f"entry script not found: {self.script}")
+        azureml_compat.install_import_shim()
+        name = f"modelfleet_entry_{next(_counter)}_{_identifier(self.script.stem)}"
+        spec = importlib.util.spec_from_file_location(name, self.script)
+        if spec is None or spec.loader is None:
+            raise ModelLoadError("load", f"cannot import entry script {self.script}")
+        module = importlib.util.module_from_spec(spec)
+        script_dir = str(self.script.parent.resolve())
+        with _env_lock:
+            os.environ["MODELFLEET_MODEL_DIR"] = str(self.model_dir)
+            os.environ["AZUREML_MODEL_DIR"] = str(self.model_dir)
+            if script_dir not in sys.path:
+                # helper modules next to score.py import as they do on Azure ML
+                sys.path.insert(0, script_dir)
+            raw_flags = _raw_flag_modules()
+            for mod in raw_flags:
+                setattr(mod, "_rawHttpRequested", False)  # noqa: B010
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException as exc:
+                sys.modules.pop(name, None)
+                raise ModelLoadError("load", f"importing {self.script.name} failed: {_describe(exc)}") from exc
+            raw_requested = any(getattr(m, "_rawHttpRequested", False) for m in _raw_flag_modules())
+            init = getattr(module, "init", None)
+            run = getattr(module, "run", None)
+            if not callable(run):
+                sys.modules.pop(name, None)
+                raise ModelLoadError("load", f"{self.script.name} defines no run() function")
+            if callable(init):
+                try:
+                    init()
+                except BaseException as exc:
+                    sys.modules.pop(name, None)
+                    raise ModelLoadError("load", f"init() raised {_describe(exc)}") from exc
+        self.module = module
+        self._run = run
+        self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
+        self._signature = self._read_schema(run)
+
+    def _read_schema(self, run: Any) -> Signature:
+        sig = Signature()
+        if "inference_schema" not in sys.modules or self.raw:
+            return sig
+        from inference_schema.schema_util import (
+            get_input_schema,
+            get_output_schema,
+            is_schema_decorated,
+        )
+
+        if not is_schema_decorated(run):
+            return sig
+        in_schema = get_input_schema(run)
+        out_schema = get_output_schema(run)
+        self._schema_decorated = "properties" in in_schema
+        sig.input_schema = in_schema if self._schema_decorated else None
+        sig.output_schema = out_schema if out_schema.get("type") != "object" or len(out_schema) > 1 else None
+        example = in_schema.get("example")
+        if self._schema_decorated and isinstance(example, dict):
+            sig.input_example = example
+        return sig
+
+    def signature(self) -> Signature:
+        return self._signature
+
+    def sample(self) -> ScoreInput | None:
+        if self._signature.input_example is None:
+            return None
+        example = orjson.loads(orjson.dumps(self._signature.input_example))
+        return ScoreInput(body=b"", decoded=example, is_decoded=True)
+
+    def predict(self, request: ScoreInput) -> Any:
+        if self.raw:
+            req = azureml_compat.AMLRequest(
+                request.method, request.path, request.query, request.headers, request.body
+            )
+            return _to_raw(self._call(req))
+        if self._schema_decorated:
+            data = request.data()
+            if not isinstance(data, dict):
+                raise InputError("request body must be a JSON object whose fields are run()'s parameters")
+            return self._call_schema(data)
+        return self._call(self._text_body(request))
+
+    def _text_body(self, request: ScoreInput) -> str:
+        # Azure ML hands a plain run() the body as text; scripts call json.loads on it.
+        if is_msgpack(request.content_type):
+            return orjson.dumps(request.data(), option=orjson.OPT_NON_STR_KEYS).decode()
+        try:
+            text = request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError("request body is not UTF-8 text") from None
+        if "json" in request.content_type or not request.content_type:
+            request.data()  # malformed JSON is the client's error, not the script's
+        return text
+
+    def _call(self, arg: Any) -> Any:
+        try:
+            return self._run(arg)
+        except Exception as exc:
+            raise ScriptError(f"run() raised {_describe(exc)}") from exc
+
+    def _call_schema(self, data: dict[str, Any]) -> Any:
+        try:
+            return self._run(**data)
+        except Exception as exc:
+            if _entered(exc, self.script):
+                raise ScriptError(f"run() raised {_describe(exc)}") from exc
+            # failed before run()'s body started: the input did not fit the declared schema
+            props = (self._signature.input_schema or {}).get("properties", {})
+            missing = [p for p in props if p not in data]
+            unknown = [k for k in data if k not in props]
+            if unknown:
+                raise InputError(f"unknown field {unknown[0]!r}; run() takes {sorted(props)}") from None
+            if missing:
+                raise InputError(
+                    f"missing field {missing[0]!r}: expected {_type_text(props[missing[0]])}"
+                ) from None
+            raise InputError(f"input does not match run()'s input schema: {_describe(exc)}") from None
+
+    def close(self) -> None:
+        if self.module is not None:
+            sys.modules.pop(self.module.__name__, None)
+        self.module = None
+        self._run = None
+
+
+def _raw_flag_modules() -> list[types.ModuleType]:
+    mods: list[types.ModuleType] = [azureml_compat]
+    for name in ("azureml.contrib.services.aml_request", "azureml_inference_server_http.api.aml_request"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "_rawHttpRequested"):
+            mods.append(mod)
+    return mods
+
+
+def _to_raw(result: Any) -> Any:
+    """Turn an AMLResponse (ours or Flask's) into a RawResponse; pass other values through."""
+    if isinstance(result, RawResponse):
+        return result
+    if hasattr(result, "status_code") and hasattr(result, "get_data"):
+        headers = [(str(k), str(v)) for k, v in dict(result.headers).items()]
+        return RawResponse(int(result.status_code), bytes(result.get_data()), headers)
+    return result
+
+
+def _entered(exc: BaseException, script: Path) -> bool:
+    """Whether the traceback reached code in the script itself (run()'s body started)."""
+    target = str(script.resolve())
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename == target or filename == str(script):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _type_text(schema: Any) -> str:
+    if not isinstance(schema, dict):
+        return "a value"
+    kind = schema.get("type", "value")
+    if kind == "array":
+        return f"an array of {_type_text(schema.get('items'))}"
+    fmt = schema.get("format")
+    return f"{kind} ({fmt})" if fmt else str(kind)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _identifier(stem: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in stem)
