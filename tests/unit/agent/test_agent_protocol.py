@@ -1,0 +1,99 @@
+"""The twin protocol's messages: round trips, cheap import, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from modelfleet.agent.errors import ProtocolError
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.agent.protocol import (
+    ActiveModel,
+    CommandRequest,
+    CommandResponse,
+    DesiredState,
+    Presence,
+    ReportedState,
+    TelemetryBatch,
+    Topics,
+    device_of,
+    fleet_topic,
+)
+
+REF = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/v1/artifacts/x", sha256="a" * 64, size=10)
+
+
+def test_topics_are_per_device_and_parse_back() -> None:
+    t = Topics("dev-1")
+    assert t.desired == "modelfleet/v1/dev-1/desired"
+    assert device_of(t.telemetry) == ("dev-1", "telemetry")
+    assert fleet_topic("reported") == "modelfleet/v1/+/reported"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "a b", "-x"])
+def test_invalid_device_id_is_refused_with_the_rule(bad: str) -> None:
+    with pytest.raises(ProtocolError, match=r"device id .* is invalid"):
+        Topics(bad)
+
+
+def test_foreign_topic_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="is not under"):
+        device_of("other/dev/desired")
+
+
+def test_desired_round_trip() -> None:
+    d = DesiredState(version=3, model=REF)
+    back = DesiredState.decode(d.encode())
+    assert back.version == 3 and back.model == REF
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"{nope", "not valid JSON"),
+        (b"[]", "expected a JSON object"),
+        (b'{"protocol": 2, "$version": 1}', "protocol 2 is not supported"),
+        (b'{"$version": 0, "model": {}}', "'\\$version' must be an integer >= 1"),
+        (b'{"$version": 1}', "missing field 'model'"),
+        (b'{"$version": 1, "model": {"name": "x"}}', "missing field 'version'"),
+        (b'{"$version": 1, "model": 5}', "expected an object"),
+    ],
+)
+def test_bad_desired_state_names_the_problem(payload: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        DesiredState.decode(payload)
+
+
+def test_reported_round_trip_and_bad_status() -> None:
+    r = ReportedState("dev-1", 4, "failed", active=ActiveModel.of(REF), stage="verify", reason="sha256 mismatch")
+    back = ReportedState.decode(r.encode())
+    assert back.status == "failed" and back.active == ActiveModel.of(REF) and back.reason == "sha256 mismatch"
+    with pytest.raises(ProtocolError, match="'status' must be one of"):
+        ReportedState.decode(b'{"device_id": "d", "status": "done"}')
+
+
+def test_presence_commands_and_telemetry_round_trip() -> None:
+    assert Presence.decode(Presence("d", True, ts=1.0).encode()).online is True
+    req = CommandRequest.decode(CommandRequest("c1", "get-state").encode())
+    assert req.name == "get-state" and req.args == {}
+    resp = CommandResponse.decode(CommandResponse("c1", False, error="boom").encode())
+    assert resp.error == "boom"
+    batch = TelemetryBatch("d", [{"seq": 1, "requests": 5}])
+    assert TelemetryBatch.decode(batch.encode()).records == [{"seq": 1, "requests": 5}]
+    with pytest.raises(ProtocolError, match=r"not valid msgpack|expected a protocol"):
+        TelemetryBatch.decode(b"\xc1\xc1")
+    with pytest.raises(ProtocolError, match="'id' must be a non-empty string"):
+        CommandRequest.decode(b'{"name": "get-state"}')
+
+
+def test_protocol_import_pulls_no_heavy_modules() -> None:
+    code = (
+        "import sys, modelfleet.agent.protocol as p;"
+        "p.DesiredState.decode(p.DesiredState(1, p.ModelVersionRef('m', 1, 'http://x', 'a'*64, 1)).encode());"
+        "bad = [m for m in ('paho', 'onnxruntime', 'numpy', 'msgpack', 'modelfleet.scoring') if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
