@@ -119,11 +119,12 @@ class DockerTarget:
         keys_file = _ensure_keys(spec)
         _ensure_admin_key(spec.workdir)
         progress(f"starting container {container_name} on 127.0.0.1:{port}")
-        container = self._run(spec, tag, port, keys_file)
         try:
+            container = self._run(spec, tag, port, keys_file)
             _wait_ready(container, port, progress)
         except BaseException:
-            _remove_container(container)
+            # Nothing half-created: no container, and no image only this attempt used.
+            self._cleanup_failed_start(spec.name)
             images.remove_image_if_unused(client, tag)
             raise
         progress(f"{spec.name} is ready at http://127.0.0.1:{port}/score")
@@ -138,6 +139,7 @@ class DockerTarget:
                 "container_id": container.id,
                 "container_name": container_name,
                 "image": tag,
+                "images": [tag],  # every image this service ran or may restart from
                 "release": release.id,
                 "port": port,
                 "workdir": str(spec.workdir),
@@ -150,16 +152,44 @@ class DockerTarget:
         container = self._container(record)
         tag, release, _built = self.build(spec, progress)
         data = dict(record.target_data)
-        port = int(data["port"])
         if release.id == data.get("release") and tag == data.get("image"):
             progress("nothing changed; the service keeps its current version")
             return record
-        running_runtime = _runtime_of(self.client, str(data["image"]))
-        new_runtime = _runtime_of(self.client, tag)
-        if running_runtime != new_runtime:
+        try:
+            self._hot_swap(container, data, tag, release, progress)
+        except BaseException:
+            if tag not in (data.get("images") or [data.get("image")]):
+                images.remove_image_if_unused(self.client, tag)
+            raise
+        progress(
+            f"{spec.name} now serves {', '.join(f'{m.name}:{m.version}' for m in spec.models)}"
+        )
+        data.update(image=tag, release=release.id)
+        data["images"] = [*[i for i in data.get("images", []) if i != tag], tag]
+        return ServiceRecord(
+            name=record.name,
+            target=self.name,
+            state="healthy",
+            scoring_uri=record.scoring_uri,
+            swagger_uri=record.swagger_uri,
+            models=[f"{m.name}:{m.version}" for m in spec.models],
+            target_data=data,
+        )
+
+    def _hot_swap(
+        self,
+        container: Any,
+        data: dict[str, Any],
+        tag: str,
+        release: images.Release,
+        progress: Progress,
+    ) -> None:
+        """Copy `release` into the running container, load and warm it, then switch."""
+        if _runtime_of(self.client, str(data["image"])) != _runtime_of(self.client, tag):
             raise DockerTargetError(
-                "the update changes the image's dependencies or base image, which cannot be "
-                "hot-swapped; deploy it as a new service (or delete and redeploy this one)"
+                "the update changes the image's dependencies, base image or modelfleet-scoring "
+                "version, which cannot be hot-swapped; deploy it as a new service "
+                "(or delete and redeploy this one)"
             )
         progress(f"copying release {release.id} into {data['container_name']}")
         try:
@@ -172,7 +202,7 @@ class DockerTarget:
         admin_key = (Path(data["workdir"]) / ADMIN_KEY_FILE).read_text().strip()
         try:
             response = httpx.post(
-                f"http://127.0.0.1:{port}/v2/repository/models/{release.model_name}/load",
+                f"http://127.0.0.1:{int(data['port'])}/v2/repository/models/{release.model_name}/load",
                 json={
                     "model_dir": release.model_dir,
                     "entry_script": release.entry_script,
@@ -186,7 +216,8 @@ class DockerTarget:
                 f"the scoring server did not answer the load request: {exc}"
             ) from exc
         if response.status_code != 200:
-            container.exec_run(["rm", "-rf", f"{images.RELEASES_DIR}/{release.id}"])
+            if release.id != data.get("release"):
+                container.exec_run(["rm", "-rf", f"{images.RELEASES_DIR}/{release.id}"])
             raise DockerTargetError(
                 f"the new version was refused ({response.status_code}): {_error_text(response)}; "
                 "the previous version keeps serving"
@@ -195,19 +226,6 @@ class DockerTarget:
         container.exec_run(["ln", "-sfn", f"releases/{release.id}", images.CURRENT_LINK])
         if data.get("release") and data["release"] != release.id:
             container.exec_run(["rm", "-rf", f"{images.RELEASES_DIR}/{data['release']}"])
-        progress(
-            f"{spec.name} now serves {', '.join(f'{m.name}:{m.version}' for m in spec.models)}"
-        )
-        data.update(image=tag, release=release.id)
-        return ServiceRecord(
-            name=record.name,
-            target=self.name,
-            state="healthy",
-            scoring_uri=record.scoring_uri,
-            swagger_uri=record.swagger_uri,
-            models=[f"{m.name}:{m.version}" for m in spec.models],
-            target_data=data,
-        )
 
     def status(self, record: ServiceRecord) -> ServiceStatus:
         import docker.errors
@@ -257,9 +275,12 @@ class DockerTarget:
         else:
             progress(f"removing container {name}")
             _remove_container(container)
-        image = record.target_data.get("image")
-        if image and images.remove_image_if_unused(client, str(image)):
-            progress(f"removed image {image}")
+        # Service images go with the service (unless another service uses the same
+        # content); base and runtime images stay cached for the next build.
+        tags = list(record.target_data.get("images") or [record.target_data.get("image")])
+        for image in filter(None, tags):
+            if images.remove_image_if_unused(client, str(image)):
+                progress(f"removed image {image}")
 
     # ------------------------------------------------------------------ internals
 

@@ -1,0 +1,122 @@
+"""Bad input and failing containers: clear errors, nothing left behind."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SpecFactory, binding, containers_of
+
+from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.targets.base import DeploymentConfig, InferenceConfig
+from modelfleet.deployer.targets.docker import DockerTarget
+
+pytestmark = pytest.mark.docker
+
+
+def script_dir(tmp_path: Path, body: str) -> Path:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "score.py").write_text(body)
+    return src
+
+
+def test_container_that_crashes_at_start_is_reported_with_its_logs_and_removed(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
+) -> None:
+    src = script_dir(
+        tmp_path,
+        "def init():\n    raise RuntimeError('weights missing: crash-at-start')\n\n"
+        "def run(data):\n    return data\n",
+    )
+    spec = make_spec(inference=InferenceConfig(source_directory=src, entry_script="score.py"))
+    progress: list[str] = []
+    with pytest.raises(DeploymentError) as err:
+        docker_target.deploy(spec, progress.append)
+    message = str(err.value)
+    assert "exited during start" in message
+    assert "weights missing: crash-at-start" in message, "the last log lines are shown"
+    assert containers_of(docker_client, spec.name) == []
+    built = [line.split()[-1] for line in progress if line.startswith("building image ")]
+    assert built, progress
+    import docker.errors
+
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(built[0])
+
+
+def test_syntax_error_in_entry_script_fails_before_any_build(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
+) -> None:
+    src = script_dir(tmp_path, "def init():\n    pass\n\ndef run(data)\n    return data\n")
+    spec = make_spec(inference=InferenceConfig(source_directory=src, entry_script="score.py"))
+    progress: list[str] = []
+    with pytest.raises(DeploymentError, match=r"score.py line 4: .*def run\(data\)"):
+        docker_target.deploy(spec, progress.append)
+    assert progress == []
+    assert containers_of(docker_client, spec.name) == []
+
+
+def test_missing_entry_script_is_named(
+    make_spec: SpecFactory, docker_target: DockerTarget, tmp_path: Path
+) -> None:
+    src = script_dir(tmp_path, "")
+    spec = make_spec(inference=InferenceConfig(source_directory=src, entry_script="nope.py"))
+    with pytest.raises(
+        DeploymentError, match=r"entry script nope.py not found in source directory"
+    ):
+        docker_target.deploy(spec, lambda _line: None)
+
+
+def test_port_already_taken_is_named_and_leaves_no_container(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = make_spec(deployment=DeploymentConfig(port=port, cpu_cores=0.5, memory_gb=0.5))
+        with pytest.raises(DeploymentError, match=rf"port {port} on 127.0.0.1 is already in use"):
+            docker_target.deploy(spec, lambda _line: None)
+    assert containers_of(docker_client, spec.name) == []
+
+
+def test_missing_base_image_is_not_pulled(
+    make_spec: SpecFactory, docker_target: DockerTarget
+) -> None:
+    spec = make_spec(inference=InferenceConfig(base_image="modelfleet/no-such-image:1"))
+    with pytest.raises(
+        DeploymentError, match=r"not present in the local Docker engine; images are never pulled"
+    ):
+        docker_target.deploy(spec, lambda _line: None)
+
+
+def test_missing_model_file_is_named(
+    make_spec: SpecFactory, docker_target: DockerTarget, digits_onnx: Path, tmp_path: Path
+) -> None:
+    gone = tmp_path / "gone.onnx"
+    gone.write_bytes(digits_onnx.read_bytes())
+    model = binding(gone)
+    gone.unlink()
+    spec = make_spec(models=(model,))
+    with pytest.raises(DeploymentError, match=r"model file .*gone.onnx of digits:1 is missing"):
+        docker_target.deploy(spec, lambda _line: None)
+
+
+def test_existing_container_of_that_name_is_not_replaced(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any
+) -> None:
+    from modelfleet.deployer.docker_images import ensure_base_image
+
+    spec = make_spec()
+    other = docker_client.containers.create(
+        ensure_base_image(docker_client), command="true", name=f"modelfleet-{spec.name}"
+    )
+    try:
+        with pytest.raises(DeploymentError, match=r"already exists; delete the service first"):
+            docker_target.deploy(spec, lambda _line: None)
+        other.reload()  # still there, untouched
+    finally:
+        other.remove(force=True)

@@ -1,0 +1,181 @@
+"""The Docker target against a real engine: build, run, call, limits, keys, cache, delete."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Deployed, SpecFactory, containers_of
+
+from modelfleet.deployer.samples import digits_rows
+from modelfleet.deployer.targets.base import DeploymentConfig, ServiceRecord, ServiceSpec
+from modelfleet.deployer.targets.docker import DockerTarget
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def service(
+    docker_target: DockerTarget, digits_onnx: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServiceSpec, ServiceRecord, list[str]]]:
+    """One digits service shared by the read-only tests of this module."""
+    from conftest import binding
+
+    from modelfleet.deployer.targets.base import InferenceConfig
+
+    spec = ServiceSpec(
+        name="t-shared",
+        models=(binding(digits_onnx),),
+        inference=InferenceConfig(),
+        deployment=DeploymentConfig(cpu_cores=0.5, memory_gb=0.5),
+        workdir=tmp_path_factory.mktemp("svc") / "t-shared",
+    )
+    progress: list[str] = []
+    record = docker_target.deploy(spec, progress.append)
+    yield spec, record, progress
+    docker_target.delete(record, lambda _line: None)
+
+
+def keys(spec: ServiceSpec) -> dict[str, str]:
+    data = json.loads((spec.workdir / "secrets" / "keys.json").read_text())
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def score(record: ServiceRecord, key: str | None, rows: int = 2) -> httpx.Response:
+    assert record.scoring_uri
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(
+        record.scoring_uri, json={"data": digits_rows(rows)}, headers=headers, timeout=10
+    )
+
+
+def test_deployed_service_answers_with_key_and_refuses_without(
+    service: tuple[ServiceSpec, ServiceRecord, list[str]],
+) -> None:
+    spec, record, progress = service
+    assert record.state == "healthy"
+    assert record.models == ["digits:1"]
+    assert any("waiting for /v2/health/ready" in line for line in progress)
+    ok = score(record, keys(spec)["primary"])
+    assert ok.status_code == 200, ok.text
+    assert score(record, keys(spec)["secondary"]).status_code == 200
+    assert score(record, None).status_code == 401
+    assert score(record, "not-a-key").status_code == 401
+    # health stays open, as Azure ML's
+    port = record.target_data["port"]
+    assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_container_has_limits_loopback_port_labels_and_readonly_workdir(
+    service: tuple[ServiceSpec, ServiceRecord, list[str]], docker_client: Any
+) -> None:
+    spec, record, _ = service
+    attrs = docker_client.api.inspect_container(record.target_data["container_id"])
+    host = attrs["HostConfig"]
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Memory"] == 512 * 1024 * 1024
+    assert host["RestartPolicy"]["Name"] == "unless-stopped"
+    bindings = host["PortBindings"]["5001/tcp"]
+    assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(record.target_data["port"])}]
+    assert attrs["Config"]["Labels"]["modelfleet.service"] == spec.name
+    mounts = {m["Destination"]: m for m in attrs["Mounts"]}
+    assert mounts["/var/modelfleet/service"]["RW"] is False
+
+
+def test_unchanged_spec_is_not_rebuilt(
+    service: tuple[ServiceSpec, ServiceRecord, list[str]], docker_target: DockerTarget
+) -> None:
+    spec, record, _ = service
+    progress: list[str] = []
+    tag, release, built = docker_target.build(spec, progress.append)
+    assert not built
+    assert tag == record.target_data["image"]
+    assert release.id == record.target_data["release"]
+    assert not any(line.startswith("Step ") for line in progress)
+    assert any("up to date" in line for line in progress)
+
+
+def test_keys_rotate_without_restart(
+    service: tuple[ServiceSpec, ServiceRecord, list[str]], docker_client: Any
+) -> None:
+    spec, record, _ = service
+    started = docker_client.api.inspect_container(record.target_data["container_id"])["State"][
+        "StartedAt"
+    ]
+    old = keys(spec)
+    path = spec.workdir / "secrets" / "keys.json"
+    tmp = path.with_name("keys.json.new")
+    tmp.write_text(json.dumps({"primary": "rotated-primary-key", "secondary": old["secondary"]}))
+    os.replace(tmp, path)  # atomic, as the contract asks; the bind mount is the folder
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and score(record, "rotated-primary-key").status_code != 200:
+        time.sleep(0.2)
+    assert score(record, "rotated-primary-key").status_code == 200
+    assert score(record, old["primary"]).status_code == 401
+    assert score(record, old["secondary"]).status_code == 200
+    after = docker_client.api.inspect_container(record.target_data["container_id"])["State"]
+    assert after["StartedAt"] == started and after["Running"]
+
+
+def test_status_and_logs(
+    service: tuple[ServiceSpec, ServiceRecord, list[str]], docker_target: DockerTarget
+) -> None:
+    _, record, _ = service
+    status = docker_target.status(record)
+    assert status.state == "healthy", status
+    lines = list(docker_target.logs(record, follow=False))
+    assert lines, "the server logs something at start"
+
+
+def test_delete_removes_container_and_service_image(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
+) -> None:
+    import docker.errors
+
+    # a distinct source dir makes a distinct image that only this service uses
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "score.py").write_text(
+        "import json, os\n"
+        "def init():\n    global seen\n    seen = sorted(os.listdir(os.environ['AZUREML_MODEL_DIR']))\n"
+        "def run(data):\n    return {'files': seen}\n"
+    )
+    from modelfleet.deployer.targets.base import InferenceConfig
+
+    spec = make_spec(
+        inference=InferenceConfig(source_directory=tmp_path / "src", entry_script="score.py")
+    )
+    progress: list[str] = []
+    record = docker_target.deploy(spec, progress.append)
+    assert any(line.startswith("Step ") for line in progress), "the build stream is shown"
+    try:
+        answer = score(record, keys(spec)["primary"])
+        assert answer.status_code == 200, answer.text
+        assert "model.onnx" in answer.text
+    finally:
+        progress.clear()
+        docker_target.delete(record, progress.append)
+    assert containers_of(docker_client, spec.name) == []
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(record.target_data["image"])
+    assert docker_target.status(record).state == "failed"
+    # deleting twice is harmless
+    docker_target.delete(record, progress.append)
+    assert any("already gone" in line for line in progress)
+
+
+def test_two_services_run_side_by_side(make_spec: SpecFactory, deployed: Deployed) -> None:
+    a = deployed.deploy(make_spec())
+    b = deployed.deploy(make_spec())
+    assert a.target_data["port"] != b.target_data["port"]
+    assert a.target_data["image"] == b.target_data["image"], "same content, same image"
+    for record in (a, b):
+        assert (
+            httpx.get(f"http://127.0.0.1:{record.target_data['port']}/", timeout=5).status_code
+            == 200
+        )

@@ -1,0 +1,157 @@
+"""Updating a Docker service under traffic: no failed request, new version warm first."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Deployed, SpecFactory, binding
+
+from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.samples import digits_rows
+from modelfleet.deployer.targets.base import InferenceConfig, ServiceRecord
+from modelfleet.deployer.targets.docker import DockerTarget
+
+pytestmark = pytest.mark.docker
+
+
+class Traffic:
+    """Clients posting to a service until stopped; records every answer."""
+
+    def __init__(self, url: str, key: str, clients: int = 4) -> None:
+        self.url, self.key = url, key
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.bodies: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+
+    def _loop(self) -> None:
+        body = {"data": digits_rows(1)}
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post(
+                        self.url, json=body, headers={"Authorization": f"Bearer {self.key}"}
+                    )
+                    with self.lock:
+                        if r.status_code == 200:
+                            self.ok += 1
+                            self.bodies.append(r.text)
+                        else:
+                            self.failures.append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    with self.lock:
+                        self.failures.append(repr(exc))
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def call(record: ServiceRecord, key: str) -> str:
+    assert record.scoring_uri
+    r = httpx.post(
+        record.scoring_uri,
+        json={"data": digits_rows(1)},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def primary(record: ServiceRecord) -> str:
+    path = Path(record.target_data["workdir"]) / "secrets" / "keys.json"
+    return str(json.loads(path.read_text())["primary"])
+
+
+def test_update_under_traffic_drops_nothing_and_survives_restart(
+    make_spec: SpecFactory,
+    deployed: Deployed,
+    docker_target: DockerTarget,
+    docker_client: Any,
+    digits_onnx: Path,
+    digits_onnx_v2: Path,
+) -> None:
+    spec = make_spec()
+    record = deployed.deploy(spec)
+    key = primary(record)
+    v1_answer = call(record, key)
+    spec_v2 = make_spec(name=spec.name, workdir=spec.workdir, models=(binding(digits_onnx_v2, 2),))
+    progress: list[str] = []
+    assert record.scoring_uri
+    with Traffic(record.scoring_uri, key) as traffic:
+        deadline = time.monotonic() + 10
+        while traffic.ok < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        updated = docker_target.update(record, spec_v2, progress.append)
+        deployed.records[-1] = updated
+        seen = traffic.ok
+        deadline = time.monotonic() + 10
+        while traffic.ok < seen + 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert traffic.failures == []
+    assert traffic.ok > 40
+    v2_answer = call(updated, key)
+    assert v2_answer != v1_answer, "the new model answers differently"
+    assert updated.models == ["digits:2"]
+    assert updated.target_data["container_id"] == record.target_data["container_id"]
+    assert v1_answer in traffic.bodies and v2_answer in traffic.bodies
+    assert traffic.bodies.index(v2_answer) > traffic.bodies.index(v1_answer)
+
+    # A restarted container comes back on the new version, not the image's first one.
+    docker_client.containers.get(record.target_data["container_id"]).restart(timeout=10)
+    deadline = time.monotonic() + 60
+    while docker_target.status(updated).state != "healthy" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert call(updated, key) == v2_answer
+
+    # The updated image is the one a fresh deploy of spec_v2 would use (not rebuilt).
+    tag, _release, built = docker_target.build(spec_v2, lambda _line: None)
+    assert tag == updated.target_data["image"] and not built
+
+    # Delete takes both the first and the updated image with it.
+    docker_target.delete(updated, lambda _line: None)
+    deployed.records.clear()
+    import docker.errors
+
+    for image in (record.target_data["image"], updated.target_data["image"]):
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_client.images.get(image)
+
+
+def test_refused_update_keeps_old_version_serving(
+    make_spec: SpecFactory, deployed: Deployed, docker_target: DockerTarget, tmp_path: Path
+) -> None:
+    record = deployed.deploy(make_spec())
+    key = primary(record)
+    before = call(record, key)
+    src = tmp_path / "broken"
+    src.mkdir()
+    (src / "score.py").write_text(
+        "def init():\n    raise RuntimeError('v2 weights are corrupt')\n\ndef run(data):\n    return data\n"
+    )
+    bad = make_spec(
+        name=record.name,
+        workdir=Path(record.target_data["workdir"]),
+        inference=InferenceConfig(source_directory=src, entry_script="score.py"),
+    )
+    with pytest.raises(DeploymentError) as err:
+        docker_target.update(record, bad, lambda _line: None)
+    assert "v2 weights are corrupt" in str(err.value)
+    assert "previous version keeps serving" in str(err.value)
+    assert call(record, key) == before
+    assert docker_target.status(record).state == "healthy"
