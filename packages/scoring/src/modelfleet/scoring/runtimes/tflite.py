@@ -91,11 +91,13 @@ class TfliteRuntime:
     def predict(self, request: ScoreInput) -> Any:
         feeds = to_feeds(request.data(), self._signature.inputs)
         interp = self._interpreter()
+        shapes: dict[int, tuple[int, ...]] = self._local.__dict__.setdefault("shapes", {})
         resized = False
         for spec, index in zip(self._signature.inputs, self._in_index, strict=True):
-            arr = feeds[spec.name]
-            if tuple(interp.get_input_details()[self._in_index.index(index)]["shape"]) != arr.shape:
-                interp.resize_tensor_input(index, arr.shape)
+            shape = feeds[spec.name].shape
+            if shapes.get(index) != shape:
+                interp.resize_tensor_input(index, shape)
+                shapes[index] = shape
                 resized = True
         if resized:
             interp.allocate_tensors()

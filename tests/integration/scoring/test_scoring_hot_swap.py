@@ -1,0 +1,177 @@
+"""Hot-swap through ModelHost and the admin HTTP endpoint: no request fails, each sees one version."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "fixtures" / "scoring" / "scripts"
+
+
+def _probs(model: Path, rows: list[list[float]]) -> np.ndarray:
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return sess.run(["probabilities"], {"X": np.asarray(rows, np.float32)})[0]
+
+
+def test_concurrent_requests_through_swaps_never_fail(start_server, digits_onnx, digits_onnx_v2, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    rows = digits_rows[:2]
+    expected = {"1": _probs(digits_onnx, rows), "2": _probs(digits_onnx_v2, rows)}
+    assert not np.allclose(expected["1"], expected["2"], rtol=1e-3)
+    v1 = ModelSpec(digits_onnx.parent, name="digits", version="1")
+    v2 = ModelSpec(digits_onnx_v2.parent, name="digits", version="2")
+    server = start_server(v1)
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: dict[str, int] = {"1": 0, "2": 0}
+    lock = threading.Lock()
+
+    def fire() -> None:
+        with server.client() as c:
+            while not stop.is_set():
+                r = c.post("/score", json={"data": rows})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                    continue
+                probs = np.asarray(r.json()["probabilities"])
+                matches = [v for v, p in expected.items() if np.allclose(probs, p, rtol=1e-5)]
+                if matches != [r.headers["x-model-version"]]:
+                    failures.append(f"response matches {matches}, header says {r.headers['x-model-version']}")
+                with lock:
+                    seen[matches[0] if matches else "?"] = seen.get(matches[0] if matches else "?", 0) + 1
+
+    threads = [threading.Thread(target=fire) for _ in range(6)]
+    for t in threads:
+        t.start()
+    old_versions = []
+
+    def wait_for_traffic(version: str) -> None:
+        with lock:
+            target = seen[version] + 20
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with lock:
+                if seen[version] >= target:
+                    return
+            time.sleep(0.005)
+        raise AssertionError(f"version {version} served no traffic")
+
+    try:
+        wait_for_traffic("1")
+        for i in range(6):
+            old = server.host.active
+            spec = v2 if i % 2 == 0 else v1
+            server.host.load(spec)
+            old_versions.append(old)
+            wait_for_traffic(spec.version)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert failures == []
+    assert seen["1"] > 0 and seen["2"] > 0
+    # every retired version was released once its requests finished
+    assert all(m.closed for m in old_versions)
+    assert server.host.active.version == "1"
+    assert server.server.metrics.swaps == 6
+
+
+def test_failed_load_keeps_the_old_version_serving(start_server, digits_onnx, tmp_path, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ModelSpec(digits_onnx.parent, name="digits", version="1"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ModelLoadError) as info:
+        server.host.load(ModelSpec(corrupt, name="digits", version="2"))
+    assert info.value.stage == "load"
+    assert "InvalidProtobuf" in info.value.reason or "protobuf" in info.value.reason.lower()
+
+    with pytest.raises(ModelLoadError) as info:
+        server.host.load(ModelSpec(tmp_path, SCRIPTS / "score_bad_warmup.py", version="3"))
+    assert info.value.stage == "warmup"
+    assert "this model is broken" in info.value.reason
+
+    with pytest.raises(ModelLoadError) as info:
+        server.host.load(ModelSpec(tmp_path, SCRIPTS / "score_bad_init.py", version="4"))
+    assert info.value.stage == "load"
+    assert info.value.reason == "init() raised FileNotFoundError: model.pkl not found in the model directory"
+
+    with pytest.raises(ModelLoadError) as info:
+        server.host.load(ModelSpec(tmp_path / "missing", name="digits", version="5"))
+    assert "model directory not found" in info.value.reason
+
+    assert server.host.active.version == "1"
+    with server.client() as c:
+        r = c.post("/score", json={"data": digits_rows[:1]})
+        assert r.status_code == 200 and r.headers["x-model-version"] == "1"
+    assert server.server.metrics.load_failures == 4
+
+
+def test_admin_endpoint_swaps_and_refuses(start_server, digits_onnx, digits_onnx_v2, tmp_path, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    admin = tmp_path / "admin.key"
+    admin.write_text("s3cret-admin\n")
+    server = start_server(ModelSpec(digits_onnx.parent, name="digits", version="1"), admin_key_file=admin)
+    auth = {"authorization": "Bearer s3cret-admin"}
+    with server.client() as c:
+        body = {"model_dir": str(digits_onnx_v2.parent), "entry_script": None, "version": "2"}
+        r = c.post("/v2/repository/models/digits/load", json=body)
+        assert r.status_code == 401
+        assert "admin key" in r.json()["error"]
+        r = c.post("/v2/repository/models/digits/load", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"name": "digits", "version": "2"}
+        assert c.post("/score", json={"data": digits_rows[:1]}).headers["x-model-version"] == "2"
+
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "model.onnx").write_bytes(b"garbage")
+        r = c.post("/v2/repository/models/digits/load", json={"model_dir": str(bad), "version": "3"}, headers=auth)
+        assert r.status_code == 422
+        assert r.json()["stage"] == "load"
+        r = c.post("/v2/repository/models/digits/load", json={"version": "3"}, headers=auth)
+        assert r.status_code == 400
+        assert r.json()["error"] == 'field "model_dir" is required (a path as the server sees it)'
+        r = c.post("/v2/repository/models/digits/load", content=b"{oops", headers=auth)
+        assert r.status_code == 400
+        assert "malformed JSON body" in r.json()["error"]
+        assert c.get("/v2/models/digits").json()["versions"] == ["2"]
+
+
+def test_admin_endpoint_is_disabled_without_admin_key(start_server, digits_onnx) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ModelSpec(digits_onnx.parent))
+    r = httpx.post(server.url + "/v2/repository/models/model/load", json={"model_dir": "/x"})
+    assert r.status_code == 404
+    assert "--admin-key-file" in r.json()["error"]
+
+
+def test_aload_from_async_code(digits_onnx, digits_onnx_v2) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> None:
+        host = ModelHost()
+        await host.aload(ModelSpec(digits_onnx.parent, version="1"))
+        first = host.active
+        await host.aload(ModelSpec(digits_onnx_v2.parent, version="2"))
+        assert host.active is not None and host.active.version == "2"
+        assert first is not None and first.closed
+        host.unload()
+        assert not host.ready
+
+    asyncio.run(scenario())
+
+
+def test_entry_script_with_model_dir_relative_lookup(start_server, tmp_path, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(digits_onnx, bundle / "model.onnx")
+    shutil.copy(SCRIPTS / "score_plain.py", bundle / "score.py")
+    server = start_server(ModelSpec(bundle, "score.py"))
+    r = httpx.post(server.url + "/score", json={"data": digits_rows[:2]})
+    assert r.json() == [0, 1]
