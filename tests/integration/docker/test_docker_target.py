@@ -179,3 +179,29 @@ def test_two_services_run_side_by_side(make_spec: SpecFactory, deployed: Deploye
             httpx.get(f"http://127.0.0.1:{record.target_data['port']}/", timeout=5).status_code
             == 200
         )
+
+
+def test_logs_follow_streams_until_the_container_stops(
+    make_spec: SpecFactory, deployed: Deployed, docker_target: DockerTarget, docker_client: Any
+) -> None:
+    import threading
+
+    record = deployed.deploy(make_spec())
+    lines: list[str] = []
+    first = threading.Event()
+
+    def follow() -> None:
+        for line in docker_target.logs(record, follow=True):
+            lines.append(line)
+            first.set()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    assert first.wait(15), "following starts with the lines already written"
+    assert reader.is_alive(), "follow keeps the stream open while the container runs"
+    docker_client.containers.get(record.target_data["container_id"]).stop(timeout=10)
+    reader.join(15)
+    assert not reader.is_alive(), "the stream ends when the container stops"
+    status = docker_target.status(record)
+    assert status.state == "failed"
+    assert status.last_log_lines, "a stopped service shows its last log lines"

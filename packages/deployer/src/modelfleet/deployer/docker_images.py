@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.deployer.errors import DeploymentError
-from modelfleet.deployer.wheelhouse import Wheelhouse, cache_root
+from modelfleet.deployer.wheelhouse import Wheelhouse, cache_root, scoring_wheelhouse
 
 Progress = Callable[[str], None]
 
@@ -73,6 +73,45 @@ def _image_exists(client: Any, ref: str) -> bool:
     except docker.errors.ImageNotFound:
         return False
     return True
+
+
+def connect() -> Any:
+    """A client for the local Docker engine, or a DeploymentError saying how to get one."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except Exception as exc:  # any failure to reach the engine reads the same to a user
+        raise ImageBuildError(
+            f"no Docker engine reachable ({exc.__class__.__name__})",
+            hint="start dockerd (./run.sh test starts one) or set DOCKER_HOST",
+        ) from exc
+    return client
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    base: str
+    runtime: str
+    wheelhouse: Path
+
+
+def prepare(
+    progress: Progress = lambda _line: None,
+    *,
+    client: Any | None = None,
+    base_image: str | None = None,
+) -> PreparedImages:
+    """Build (or find cached) the base image, the scoring wheelhouse and the runtime image.
+
+    What `modelfleet docker base-image` runs; a first deploy does the same on its own.
+    """
+    client = client or connect()
+    base = resolve_base_image(client, base_image, progress)
+    scoring = scoring_wheelhouse(progress)
+    runtime = ensure_runtime_image(client, base, scoring, None, progress)
+    return PreparedImages(base, runtime, scoring.path)
 
 
 # --------------------------------------------------------------------------- base

@@ -62,17 +62,7 @@ class DockerTarget:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import docker
-
-            try:
-                client = docker.from_env(timeout=300)
-                client.ping()
-            except Exception as exc:  # any failure to reach the engine reads the same to a user
-                raise DockerTargetError(
-                    f"no Docker engine reachable ({exc.__class__.__name__}); start dockerd "
-                    "(./run.sh test starts one) or set DOCKER_HOST"
-                ) from exc
-            self._client = client
+            self._client = images.connect()
         return self._client
 
     # ------------------------------------------------------------------ images
