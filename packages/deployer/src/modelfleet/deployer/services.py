@@ -1,0 +1,248 @@
+"""Service lifecycle over any target: deploy, update, status, logs, keys, call, delete.
+
+The library behind `modelfleet deploy` / `modelfleet service ...` and the
+quickstart. Service state lives in the registry database, so every shell
+sees the same services; a name is claimed ("creating") before anything is
+started and released again if the deployment fails, so a failed deploy
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from modelfleet.deployer.config import (
+    deployment_from_jsonable,
+    inference_from_jsonable,
+    to_jsonable,
+)
+from modelfleet.deployer.errors import DeployerError, ServiceCallError
+from modelfleet.deployer.registry import Registry
+from modelfleet.deployer.targets import get_target
+from modelfleet.deployer.targets.base import (
+    DeploymentConfig,
+    InferenceConfig,
+    Progress,
+    ServiceRecord,
+    ServiceSpec,
+    ServiceStatus,
+)
+from modelfleet.deployer.targets.local import write_atomic
+
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+KeyName = Literal["primary", "secondary"]
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class CallResult:
+    status_code: int
+    body: Any  # parsed JSON when the answer is JSON, text otherwise
+    model_version: str | None
+    elapsed_ms: float
+
+
+def validate_service_name(name: str) -> None:
+    if not _SERVICE_NAME.match(name):
+        raise DeployerError(
+            f"invalid service name {name!r}",
+            hint="use 1-63 lowercase letters, digits or '-', starting and ending with a "
+            "letter or digit",
+        )
+
+
+class ServiceManager:
+    """Deployed services of one registry."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = registry if registry is not None else Registry()
+
+    # ------------------------------------------------------------------ create / change
+
+    def deploy(
+        self,
+        name: str,
+        model_ids: Sequence[str],
+        inference: InferenceConfig,
+        deployment: DeploymentConfig,
+        target: str = "local",
+        progress: Progress = _quiet,
+    ) -> ServiceRecord:
+        validate_service_name(name)
+        if not model_ids:
+            raise DeployerError("no model given", hint="pass --model NAME:VERSION (-m)")
+        impl = get_target(target)  # unknown target: fail before claiming the name
+        models = [self.registry.resolve(m) for m in model_ids]
+        config = {
+            "inference": to_jsonable(inference),
+            "deployment": to_jsonable(deployment),
+        }
+        self.registry.reserve_service(name, target, config)
+        workdir = self.registry.service_workdir(name)
+        try:
+            shutil.rmtree(workdir, ignore_errors=True)  # leftovers of a crashed CLI
+            workdir.mkdir(parents=True)
+            progress(f"deploying {', '.join(m.key for m in models)} as {name} ({target})")
+            bindings = tuple(self.registry.binding(m) for m in models)
+            spec = ServiceSpec(name, bindings, inference, deployment, workdir)
+            record = impl.deploy(spec, progress)
+            self.registry.save_service(record)
+        except BaseException:
+            self.registry.forget_service(name)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return record
+
+    def update(
+        self,
+        name: str,
+        model_ids: Sequence[str],
+        inference: InferenceConfig | None = None,
+        progress: Progress = _quiet,
+    ) -> ServiceRecord:
+        record = self.registry.get_service(name)
+        if record.state in ("creating", "deleting"):
+            raise DeployerError(f"service {name!r} is {record.state}; try again when it is done")
+        config = self.registry.service_config(name)
+        inf = inference or inference_from_jsonable(config.get("inference", {}))
+        dep = deployment_from_jsonable(config.get("deployment", {}))
+        models = [self.registry.resolve(m) for m in model_ids] if model_ids else [
+            self.registry.resolve(m) for m in record.models
+        ]  # fmt: skip
+        bindings = tuple(self.registry.binding(m) for m in models)
+        spec = ServiceSpec(name, bindings, inf, dep, self.registry.service_workdir(name))
+        impl = get_target(record.target)
+        previous = record.state
+        self.registry.set_service_state(name, "updating")
+        try:
+            updated = impl.update(record, spec, progress)
+        except BaseException:
+            self.registry.set_service_state(name, previous)
+            raise
+        config["inference"] = to_jsonable(inf)
+        self.registry.save_service(updated, config)
+        return updated
+
+    def delete(self, name: str, progress: Progress = _quiet) -> ServiceRecord:
+        record = self.registry.get_service(name)
+        self.registry.set_service_state(name, "deleting")
+        try:
+            get_target(record.target).delete(record, progress)
+        except BaseException:
+            self.registry.set_service_state(name, "failed")
+            raise
+        shutil.rmtree(self.registry.service_workdir(name), ignore_errors=True)
+        self.registry.forget_service(name)
+        progress(f"deleted {name}")
+        return record
+
+    # ------------------------------------------------------------------ inspect
+
+    def get(self, name: str) -> ServiceRecord:
+        return self.registry.get_service(name)
+
+    def status(self, name: str) -> tuple[ServiceRecord, ServiceStatus]:
+        """Probe the service; a dead process or container is stored as failed."""
+        record = self.registry.get_service(name)
+        if record.state in ("creating", "updating", "deleting"):
+            return record, ServiceStatus(record.state)
+        status = get_target(record.target).status(record)
+        if status.state != record.state:
+            self.registry.set_service_state(name, status.state)
+            record = replace(record, state=status.state)
+        return record, status
+
+    def list(self) -> list[tuple[ServiceRecord, ServiceStatus]]:
+        return [self.status(r.name) for r in self.registry.list_services()]
+
+    def logs(self, name: str, follow: bool = False) -> Iterator[str]:
+        record = self.registry.get_service(name)
+        return get_target(record.target).logs(record, follow)
+
+    # ------------------------------------------------------------------ keys
+
+    def _keys_file(self, record: ServiceRecord) -> Path:
+        keys_file = record.target_data.get("keys_file")
+        if not keys_file:
+            raise DeployerError(
+                f"service {record.name!r} has authentication disabled, so it has no keys",
+                hint="deploy it with authEnabled: true (the default) to use keys",
+            )
+        return Path(keys_file)
+
+    def keys(self, name: str) -> dict[str, str]:
+        path = self._keys_file(self.registry.get_service(name))
+        try:
+            data: dict[str, str] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DeployerError(f"cannot read the keys of {name}: {exc}") from exc
+        return {"primary": data["primary"], "secondary": data["secondary"]}
+
+    def regen_key(self, name: str, which: KeyName, value: str | None = None) -> dict[str, str]:
+        if which not in ("primary", "secondary"):
+            raise DeployerError(
+                f"unknown key {which!r}", hint="use --key primary or --key secondary"
+            )
+        record = self.registry.get_service(name)
+        keys = self.keys(name)
+        keys[which] = value or secrets.token_urlsafe(32)
+        # Atomic rename: the server re-reads the file on its next mtime check.
+        write_atomic(self._keys_file(record), json.dumps(keys))
+        return keys
+
+    # ------------------------------------------------------------------ call
+
+    def call(
+        self,
+        name: str,
+        body: bytes,
+        *,
+        content_type: str = "application/json",
+        key: str | None = None,
+        use_auth: bool = True,
+        timeout: float = 60.0,
+    ) -> CallResult:
+        record = self.registry.get_service(name)
+        if not record.scoring_uri:
+            raise ServiceCallError(f"service {name!r} has no scoring URI (state {record.state})")
+        headers = {"Content-Type": content_type}
+        if use_auth and record.target_data.get("keys_file"):
+            headers["Authorization"] = f"Bearer {key or self.keys(name)['primary']}"
+        try:
+            response = httpx.post(record.scoring_uri, content=body, headers=headers, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise ServiceCallError(
+                f"cannot reach {record.scoring_uri}: {exc}",
+                hint=f"check the service with `modelfleet service show {name}`",
+            ) from exc
+        try:
+            parsed: Any = response.json()
+        except ValueError:
+            parsed = response.text
+        result = CallResult(
+            response.status_code,
+            parsed,
+            response.headers.get("x-model-version"),
+            response.elapsed.total_seconds() * 1000,
+        )
+        if response.status_code == 401:
+            raise ServiceCallError(
+                f"{name} refused the call (401): missing or wrong key",
+                hint=f"see the keys with `modelfleet service keys {name}`",
+            )
+        if response.status_code >= 400:
+            detail = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+            raise ServiceCallError(f"{name} answered {response.status_code}: {detail}")
+        return result

@@ -1,0 +1,393 @@
+"""The local target: the scoring server as a managed background process.
+
+The process runs in its own session (it outlives the CLI), writes to
+`<workdir>/server.log`, and reads its keys from `<workdir>/secrets/keys.json`,
+which `service regen-key` rewrites atomically (the server reloads it).
+`update` posts the new model to the server's admin load endpoint: it loads
+and warms beside the running version, and traffic moves only once it is ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.targets.base import (
+    ModelBinding,
+    Progress,
+    ServiceRecord,
+    ServiceSpec,
+    ServiceStatus,
+)
+
+KEYS_FILE = Path("secrets") / "keys.json"  # relative to the workdir, as the docker target
+ADMIN_KEY_FILE = Path("secrets") / "admin.key"
+LOG_FILE = "server.log"
+LAST_LOG_LINES = 20
+STOP_TIMEOUT_S = 10.0
+
+
+def ready_timeout() -> float:
+    return float(os.environ.get("MODELFLEET_LOCAL_READY_TIMEOUT", "120"))
+
+
+class LocalTargetError(DeploymentError):
+    """A local deployment failed; the message says which step and why."""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Temp file + fsync + rename: the server never reads a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_entry_script(spec: ServiceSpec) -> None:
+    """Fail before starting anything when the entry script does not compile."""
+    inf = spec.inference
+    if inf.entry_script is None:
+        return
+    script = (inf.source_directory or Path.cwd()) / inf.entry_script
+    if not script.is_file():
+        raise LocalTargetError(f"entry script {script} not found")
+    try:
+        compile(script.read_bytes(), str(script), "exec")
+    except SyntaxError as exc:
+        raise LocalTargetError(
+            f"{inf.entry_script} line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()}",
+            hint="fix the entry script and deploy again",
+        ) from exc
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, n: int = LAST_LOG_LINES) -> tuple[str, ...]:
+    try:
+        with path.open("r", errors="replace") as fh:
+            return tuple(line.rstrip("\n") for line in deque(fh, maxlen=n))
+    except OSError:
+        return ()
+
+
+def _is_running(pid: int, marker: str) -> bool:
+    """Alive, not a zombie, and still our server (pids get reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X") and marker in cmdline
+
+
+def model_dir_for(models: tuple[ModelBinding, ...], workdir: Path) -> Path:
+    """The folder the server sees as AZUREML_MODEL_DIR.
+
+    One model: its own folder. Several: `<name>/<version>/` links under a
+    release folder, the layout Azure ML uses for multi-model deployments.
+    """
+    if len(models) == 1:
+        path = models[0].path
+        return path if path.is_dir() else path.parent
+    digest = hashlib.sha256(
+        "\n".join(f"{m.name}:{m.version}:{m.sha256}" for m in models).encode()
+    ).hexdigest()[:16]
+    release = workdir / "releases" / digest
+    if not release.is_dir():
+        tmp = release.with_name(f".{digest}.{os.getpid()}")
+        for m in models:
+            link = tmp / m.name / str(m.version)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(m.path if m.path.is_dir() else m.path.parent)
+        os.replace(tmp, release)
+    return release
+
+
+def _entry_script_path(spec: ServiceSpec) -> Path | None:
+    inf = spec.inference
+    if inf.entry_script is None:
+        return None
+    return ((inf.source_directory or Path.cwd()) / inf.entry_script).resolve()
+
+
+def _is_ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        stage = f" (stage {body['stage']})" if "stage" in body else ""
+        return f"{body.get('error', body)}{stage}"
+    return str(body)[:300]
+
+
+def _stop_process(pid: int, marker: str) -> None:
+    if not _is_running(pid, marker):
+        return
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _is_running(pid, marker):
+                return
+            time.sleep(0.05)
+    raise LocalTargetError(f"server process {pid} did not stop")
+
+
+# ---------------------------------------------------------------- the target
+
+
+class LocalTarget:
+    """`DeploymentTarget` running `python -m modelfleet.scoring serve` on this machine."""
+
+    name = "local"
+
+    def deploy(self, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
+        if not spec.models:
+            raise LocalTargetError("a service needs at least one model")
+        check_entry_script(spec)
+        port = spec.deployment.port
+        if port is not None and not _port_free(port):
+            raise LocalTargetError(
+                f"port {port} on 127.0.0.1 is already in use",
+                hint="choose another port (--port or 'port' in deploymentconfig.json), "
+                "or leave it out to pick a free one",
+            )
+        port = port or _free_port()
+        workdir = spec.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        keys_file = self._write_keys(spec, workdir)
+        admin_file = workdir / ADMIN_KEY_FILE
+        write_atomic(admin_file, secrets.token_urlsafe(32) + "\n")
+        model_dir = model_dir_for(spec.models, workdir)
+        entry = _entry_script_path(spec)
+        first = spec.models[0]
+        cmd = [
+            sys.executable, "-m", "modelfleet.scoring", "serve",
+            "--model-dir", str(model_dir),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--model-name", first.name,
+            "--model-version", str(first.version),
+            "--admin-key-file", str(admin_file),
+            "--scoring-timeout-ms", str(spec.deployment.scoring_timeout_ms),
+            "--max-concurrent-requests", str(spec.deployment.max_concurrent_requests),
+        ]  # fmt: skip
+        if entry is not None:
+            cmd += ["--entry-script", str(entry)]
+        if keys_file is not None:
+            cmd += ["--keys-file", str(keys_file)]
+        log_path = workdir / LOG_FILE
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cwd = spec.inference.source_directory or workdir
+        progress(f"starting the scoring server on 127.0.0.1:{port}")
+        with log_path.open("ab") as log_fh:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=str(cwd),
+                env=env,
+                start_new_session=True,  # outlives the CLI; stopped as a process group
+            )
+        marker = str(admin_file)
+        try:
+            self._wait_ready(proc, port, log_path, progress)
+        except BaseException:
+            _stop_process(proc.pid, marker)
+            proc.wait(5)
+            raise
+        base = f"http://127.0.0.1:{port}"
+        progress(f"{spec.name} is ready at {base}/score")
+        return ServiceRecord(
+            name=spec.name,
+            target=self.name,
+            state="healthy",
+            scoring_uri=f"{base}/score",
+            swagger_uri=f"{base}/swagger.json",
+            models=[f"{m.name}:{m.version}" for m in spec.models],
+            target_data={
+                "pid": proc.pid,
+                "port": port,
+                "workdir": str(workdir),
+                "log_file": str(log_path),
+                "keys_file": str(keys_file) if keys_file else None,
+                "admin_key_file": str(admin_file),
+                "model_dir": str(model_dir),
+                "entry_script": str(entry) if entry else None,
+            },
+        )
+
+    @staticmethod
+    def _write_keys(spec: ServiceSpec, workdir: Path) -> Path | None:
+        if not spec.deployment.auth_enabled:
+            return None
+        path = workdir / KEYS_FILE
+        keys = {
+            "primary": spec.deployment.primary_key or secrets.token_urlsafe(32),
+            "secondary": spec.deployment.secondary_key or secrets.token_urlsafe(32),
+        }
+        write_atomic(path, json.dumps(keys))
+        return path
+
+    @staticmethod
+    def _wait_ready(
+        proc: subprocess.Popen[bytes], port: int, log_path: Path, progress: Progress
+    ) -> None:
+        timeout = ready_timeout()
+        deadline = time.monotonic() + timeout
+        next_note = time.monotonic() + 5
+        progress("waiting for the model to load and warm up")
+        while time.monotonic() < deadline:
+            code = proc.poll()
+            if code is not None:
+                lines = tail(log_path)
+                last = next((ln for ln in reversed(lines) if ln.strip()), "(no output)")
+                raise LocalTargetError(
+                    f"the scoring server exited with code {code} before it was ready: {last}",
+                    hint=f"full log: {log_path}\n" + "\n".join(lines[-10:]),
+                )
+            if _is_ready(port):
+                return
+            if time.monotonic() >= next_note:
+                progress(
+                    f"still waiting for readiness ({timeout - (deadline - time.monotonic()):.0f}s)"
+                )
+                next_note += 5
+            time.sleep(0.1)
+        raise LocalTargetError(
+            f"the scoring server was not ready after {timeout:.0f}s",
+            hint=f"see {log_path}; raise MODELFLEET_LOCAL_READY_TIMEOUT for slow models",
+        )
+
+    def update(self, record: ServiceRecord, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
+        data: dict[str, Any] = dict(record.target_data)
+        if not _is_running(int(data["pid"]), str(data["admin_key_file"])):
+            raise LocalTargetError(
+                f"service {record.name} is not running, so it cannot be updated in place",
+                hint=f"delete it and deploy again (modelfleet service delete {record.name})",
+            )
+        check_entry_script(spec)
+        workdir = Path(data["workdir"])
+        model_dir = model_dir_for(spec.models, workdir)
+        entry = _entry_script_path(spec)
+        first = spec.models[0]
+        admin_key = Path(data["admin_key_file"]).read_text().strip()
+        progress(f"loading {first.name}:{first.version} beside the running version")
+        try:
+            response = httpx.post(
+                f"http://127.0.0.1:{data['port']}/v2/repository/models/{first.name}/load",
+                json={
+                    "model_dir": str(model_dir),
+                    "entry_script": str(entry) if entry else None,
+                    "version": str(first.version),
+                },
+                headers={"Authorization": f"Bearer {admin_key}"},
+                timeout=ready_timeout(),
+            )
+        except httpx.HTTPError as exc:
+            raise LocalTargetError(
+                f"the scoring server did not answer the load request: {exc}"
+            ) from exc
+        if response.status_code != 200:
+            raise LocalTargetError(
+                f"the new version was refused ({response.status_code}): {_error_text(response)}; "
+                "the previous version keeps serving"
+            )
+        progress(
+            f"{record.name} now serves {', '.join(f'{m.name}:{m.version}' for m in spec.models)}"
+        )
+        data.update(model_dir=str(model_dir), entry_script=str(entry) if entry else None)
+        return ServiceRecord(
+            name=record.name,
+            target=self.name,
+            state="healthy",
+            scoring_uri=record.scoring_uri,
+            swagger_uri=record.swagger_uri,
+            models=[f"{m.name}:{m.version}" for m in spec.models],
+            target_data=data,
+        )
+
+    def status(self, record: ServiceRecord) -> ServiceStatus:
+        data = record.target_data
+        if "pid" not in data:
+            return ServiceStatus(record.state, "no process recorded")
+        log_path = Path(data["log_file"])
+        if not _is_running(int(data["pid"]), str(data["admin_key_file"])):
+            return ServiceStatus("failed", f"process {data['pid']} is not running", tail(log_path))
+        if not _is_ready(int(data["port"])):
+            return ServiceStatus(
+                "failed", f"process {data['pid']} runs but is not ready", tail(log_path)
+            )
+        return ServiceStatus("healthy", f"pid {data['pid']} on port {data['port']}")
+
+    def logs(self, record: ServiceRecord, follow: bool) -> Iterator[str]:
+        data = record.target_data
+        log_path = Path(data.get("log_file") or Path(data["workdir"]) / LOG_FILE)
+        try:
+            fh = log_path.open("r", errors="replace")
+        except FileNotFoundError:
+            return
+        with fh:
+            while True:
+                line = fh.readline()
+                if line:
+                    yield line.rstrip("\n")
+                    continue
+                if not follow or not _is_running(int(data["pid"]), str(data["admin_key_file"])):
+                    return
+                time.sleep(0.2)
+
+    def delete(self, record: ServiceRecord, progress: Progress) -> None:
+        data = record.target_data
+        if "pid" in data:
+            progress(f"stopping the scoring server (pid {data['pid']})")
+            _stop_process(int(data["pid"]), str(data["admin_key_file"]))
