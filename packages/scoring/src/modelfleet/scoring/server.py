@@ -77,6 +77,11 @@ class ScoringServer:
         self._swagger_cache: tuple[int, bytes] | None = None
 
     @property
+    def pending(self) -> int:
+        """Requests waiting for or running in the thread pool."""
+        return self._pending
+
+    @property
     def metrics(self) -> ScoringMetrics:
         return self.host.metrics
 
