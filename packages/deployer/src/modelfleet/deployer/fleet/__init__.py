@@ -1,0 +1,1 @@
+"""Fleet rollouts: target queries, staged health-gated rollouts, device backends."""

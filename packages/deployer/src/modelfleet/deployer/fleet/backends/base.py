@@ -1,0 +1,132 @@
+"""The fleet backend interface: what the rollout engine needs from MQTT, IoT Hub, ...
+
+The engine and the CLI import only this module; a backend turns its wire
+protocol into `DeviceInfo` snapshots and desired-state writes. Implementations
+keep a live cache of the fleet (presence, desired, reported, telemetry), so
+every method here is cheap and never blocks on the network for long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from modelfleet.agent.modelref import ModelVersionRef
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One device as the fleet backend last saw it."""
+
+    device_id: str
+    online: bool = False
+    last_seen: float | None = None
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    # the desired state currently held for the device (retained), and its `$version`
+    desired: ModelVersionRef | None = None
+    desired_version: int | None = None
+    # the device's last report: which desired `$version` it is about, and how that went
+    status: str | None = None  # applying | applied | failed
+    report_version: int | None = None
+    applied_version: int | None = None
+    active: str | None = None  # "name:version" being served
+    active_version: int | None = None
+    active_name: str | None = None
+    reason: str | None = None
+    stage: str | None = None
+
+    def outcome(self, desired_version: int) -> str:
+        """'applied', 'failed' or 'pending' for the desired `$version` a controller issued."""
+        if self.report_version == desired_version:
+            if self.status == "applied":
+                return "applied"
+            if self.status == "failed":
+                return "failed"
+            return "pending"
+        if self.applied_version is not None and self.applied_version >= desired_version:
+            return "applied"
+        return "pending"
+
+    def document(self) -> dict[str, Any]:
+        """The JSON-like document target queries run over (see docs/fleet.md)."""
+        return {
+            "deviceId": self.device_id,
+            "connectionState": "Connected" if self.online else "Disconnected",
+            "online": self.online,
+            "tags": dict(self.tags),
+            "reported": {
+                "status": self.status,
+                "model": (
+                    {"name": self.active_name, "version": self.active_version, "id": self.active}
+                    if self.active
+                    else {}
+                ),
+                "reason": self.reason,
+            },
+            "desired": {
+                "model": (
+                    {"name": self.desired.name, "version": self.desired.version, "id": self.desired.key}
+                    if self.desired
+                    else {}
+                ),
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "tags": dict(self.tags),
+            "model": self.active,
+            "status": self.status,
+            "desired": self.desired.key if self.desired else None,
+            "desired_version": self.desired_version,
+            "report_version": self.report_version,
+            "error": self.reason if self.status == "failed" else None,
+            "stage": self.stage,
+        }
+
+
+@dataclass(frozen=True)
+class TelemetrySummary:
+    """Scoring health over a set of devices and a time window."""
+
+    requests: int = 0
+    errors: int = 0
+    p99_ms: float | None = None
+    devices_reporting: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class FleetBackend(Protocol):
+    """A fleet of devices reached through device twins."""
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every known device, sorted by id."""
+
+    def device(self, device_id: str) -> DeviceInfo | None:
+        """One device, None when it never showed up."""
+
+    def set_desired(self, assignments: Mapping[str, ModelVersionRef | None]) -> dict[str, int]:
+        """Publish desired states (None clears one); returns the `$version` issued per device."""
+
+    def set_tags(self, device_id: str, tags: Mapping[str, str | None]) -> DeviceInfo:
+        """Set (or, with None, remove) central tags of a device."""
+
+    def telemetry(self, device_ids: Iterable[str], since: float) -> TelemetrySummary:
+        """Health of the devices' scoring since `since` (epoch seconds)."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until something changed in the fleet or `timeout` seconds passed."""
+
+    def close(self) -> None:
+        """Flush pending publishes and disconnect."""
+
+
+def sorted_devices(devices: Sequence[DeviceInfo]) -> list[DeviceInfo]:
+    return sorted(devices, key=lambda d: d.device_id)

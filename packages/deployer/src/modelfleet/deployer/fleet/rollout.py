@@ -1,0 +1,467 @@
+"""The rollout engine: staged, health-gated model rollouts over any `FleetBackend`.
+
+A rollout is a persisted state machine advanced by `step()`; `drive()` loops it.
+Each stage covers a cumulative percentage of the target devices, in an order
+fixed at creation: devices sorted by sha256(rollout name + NUL + device id), so
+the canary set is stable across runs yet differs between rollouts. A stage:
+
+1. issues the new desired state to its devices (remembering what each had);
+2. waits until each reports `applied` or `failed` for that desired `$version`
+   (offline devices stay pending; at `timeout` the still pending count as failed);
+3. halts when failed/stage size exceeds `max_failure`;
+4. soaks: for `soak_s`, the stage's telemetry must keep the error rate and p99
+   latency within limits;
+5. passes; the last stage passing makes the rollout `succeeded`.
+
+A failed stage rolls its devices back to their previous desired state and
+leaves the rollout `failed` with the reason. Nothing here imports paho.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
+from modelfleet.deployer.fleet.query import parse_query
+from modelfleet.deployer.fleet.store import (
+    ACTIVE_STATES,
+    FleetError,
+    FleetStore,
+    Rollout,
+    RolloutDevice,
+)
+
+log = logging.getLogger("modelfleet.fleet")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# ---------------------------------------------------------------- option parsing
+
+
+def parse_duration(text: str, what: str) -> float:
+    """'500ms', '30s', '2m', '1h' or bare seconds -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise FleetError(f"{what}: {text!r} is not a duration", hint="write e.g. 30s, 2m, 1h or 500ms")
+    value = float(m.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+
+
+def parse_ratio(text: str, what: str) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise FleetError(f"{what}: {text!r} is not a percentage", hint="write e.g. 5% or 0.05") from None
+    if not 0.0 <= value <= 1.0:
+        raise FleetError(f"{what}: {text!r} must be between 0% and 100%")
+    return value
+
+
+def parse_stages(text: str) -> list[int]:
+    """'1,10,50,100' -> [1, 10, 50, 100]: strictly increasing cumulative percentages ending at 100."""
+    stages: list[int] = []
+    for part in text.split(","):
+        try:
+            pct = int(part.strip().rstrip("%"))
+        except ValueError:
+            raise FleetError(f"--stages: {part.strip()!r} is not a whole percentage", hint="e.g. --stages 1,10,50,100") from None
+        if not 1 <= pct <= 100:
+            raise FleetError(f"--stages: {pct} is outside 1..100")
+        if stages and pct <= stages[-1]:
+            raise FleetError(f"--stages: {pct} does not increase on {stages[-1]} (stages are cumulative)")
+        stages.append(pct)
+    if stages[-1] != 100:
+        raise FleetError(f"--stages: the last stage must be 100, not {stages[-1]}", hint="e.g. --stages 10,100")
+    return stages
+
+
+def rollout_order(name: str, device_ids: list[str]) -> list[str]:
+    """The deterministic device order of a rollout."""
+    return sorted(device_ids, key=lambda d: (hashlib.sha256(f"{name}\0{d}".encode()).digest(), d))
+
+
+def stage_sizes(total: int, stages: list[int]) -> list[int]:
+    """Cumulative device counts per stage; every stage with a devices left gets at least one."""
+    sizes: list[int] = []
+    for pct in stages:
+        n = min(total, math.ceil(total * pct / 100))
+        if total and sizes:
+            n = max(n, min(total, sizes[-1] + 1))
+        elif total:
+            n = max(n, 1)
+        sizes.append(n)
+    return sizes
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    name: str
+    model: ModelVersionRef
+    target: str = "*"
+    stages: tuple[int, ...] = (100,)
+    max_failure: float = 0.0
+    soak_s: float = 0.0
+    timeout_s: float = 600.0
+    max_error_rate: float = 0.05
+    max_p99_ms: float | None = None
+    backend: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class RolloutEngine:
+    """Creates and advances rollouts; state in `FleetStore`, devices through a `FleetBackend`."""
+
+    def __init__(
+        self,
+        store: FleetStore,
+        backend: FleetBackend,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.clock = clock
+
+    # -------------------------------------------------------------- create
+
+    def create(self, spec: RolloutSpec) -> Rollout:
+        if not _NAME.match(spec.name):
+            raise FleetError(
+                f"rollout name {spec.name!r} is invalid: use letters, digits, '.', '_' or '-' (max 128)"
+            )
+        query = parse_query(spec.target)
+        tags = self.store.tags()
+        matched = [d.device_id for d in self.backend.devices() if query.matches(_with_tags(d, tags).document())]
+        if not matched:
+            raise FleetError(
+                f"target {spec.target!r} matches no known device",
+                hint="see the fleet with `modelfleet fleet devices` (devices are known once they connected)",
+            )
+        order = rollout_order(spec.name, matched)
+        sizes = stage_sizes(len(order), list(spec.stages))
+        stage_of = [next(i for i, size in enumerate(sizes) if pos < size) for pos in range(len(order))]
+        rollout = Rollout(
+            name=spec.name,
+            model=spec.model,
+            target=query.text,
+            stages=list(spec.stages),
+            max_failure=spec.max_failure,
+            soak_s=spec.soak_s,
+            timeout_s=spec.timeout_s,
+            max_error_rate=spec.max_error_rate,
+            max_p99_ms=spec.max_p99_ms,
+            backend=spec.backend or {},
+        )
+        self.store.create(rollout, order, stage_of)
+        log.info("rollout created name=%s model=%s devices=%d stages=%s", spec.name, spec.model.key, len(order), sizes)
+        return self.store.get(spec.name)
+
+    # -------------------------------------------------------------- operator actions
+
+    def pause(self, name: str) -> Rollout:
+        if not self.store.set_state(name, "paused", only_from=("running",)):
+            r = self.store.get(name)
+            raise FleetError(f"rollout {name!r} is {r.state}; only a running rollout can be paused")
+        return self.store.get(name)
+
+    def resume(self, name: str) -> Rollout:
+        r = self.store.get(name)
+        if r.state not in ACTIVE_STATES:
+            raise FleetError(f"rollout {name!r} is {r.state}; only a paused or running rollout can be resumed")
+        self.store.set_state(name, "running", only_from=ACTIVE_STATES)
+        return self.store.get(name)
+
+    def abort(self, name: str) -> Rollout:
+        """Stop where it stands; devices keep what they have."""
+        r = self.store.get(name)
+        if r.state not in ACTIVE_STATES:
+            raise FleetError(f"rollout {name!r} is already {r.state}")
+        r.state = "aborted"
+        r.reason = "aborted by the operator"
+        self.store.save(r, force=True)
+        return r
+
+    def rollback(self, name: str) -> Rollout:
+        """Put every device this rollout touched back on its previous desired state."""
+        r = self.store.get(name)
+        if r.state == "rolled_back":
+            raise FleetError(f"rollout {name!r} is already rolled back")
+        touched = [d for d in self.store.devices(name) if d.state not in ("waiting", "rolled_back")]
+        if r.state == "running":
+            # stop a live controller first: it re-reads the state before each step
+            self.store.set_state(name, "rolled_back")
+        self._roll_back(touched)
+        r.reason = "rolled back by the operator" + (f" (was: {r.reason})" if r.reason else "")
+        r.state = "rolled_back"
+        self.store.save(r, force=True)
+        return r
+
+    # -------------------------------------------------------------- driving
+
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[None]:
+        """Only one controller drives a rollout: an exclusive lock the kernel drops when it dies."""
+        lock_dir = self.store.home / "fleet" / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        path = lock_dir / f"{name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = Path(path).read_text().strip() or "?"
+                raise FleetError(
+                    f"rollout {name!r} is already driven by another process (pid {holder})",
+                    hint="watch it with `modelfleet fleet rollout status`",
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)
+
+    def drive(
+        self,
+        name: str,
+        *,
+        poll: float = 0.05,
+        on_step: Callable[[Rollout], None] | None = None,
+        deadline: float | None = None,
+    ) -> Rollout:
+        """Advance the rollout until it finishes, is paused or aborted (or `deadline`, monotonic)."""
+        with self.lease(name):
+            while True:
+                r = self.step(name)
+                if on_step:
+                    on_step(r)
+                if r.state != "running":
+                    return r
+                if deadline is not None and time.monotonic() > deadline:
+                    return r
+                self.backend.wait(poll)
+
+    def step(self, name: str) -> Rollout:
+        """One reconcile pass; idempotent, safe to call after a crash at any point."""
+        r = self.store.get(name)
+        if r.state != "running":
+            return r
+        now = self.clock()
+        if r.stage_started_at is None:
+            r.stage_started_at = now
+            self.store.save(r)
+        devices = self.store.devices(name, stage=r.stage)
+
+        # 1. issue desired states (the rows are written first: a crash re-issues, never loses one)
+        waiting = [d for d in devices if d.state in ("waiting", "issuing")]
+        if waiting:
+            self._issue(r, waiting)
+
+        # 2. collect outcomes
+        changed: list[RolloutDevice] = []
+        for d in devices:
+            if d.state != "pending" or d.desired_version is None:
+                continue
+            info = self.backend.device(d.device_id)
+            outcome = info.outcome(d.desired_version) if info else "pending"
+            if outcome == "applied":
+                d.state, d.reason = "applied", None
+                changed.append(d)
+            elif outcome == "failed":
+                assert info is not None
+                where = f"{info.stage}: " if info.stage else ""
+                d.state, d.reason = "failed", f"{where}{info.reason or 'failed'}"
+                changed.append(d)
+        timed_out = now - r.stage_started_at >= r.timeout_s
+        if timed_out:
+            for d in devices:
+                if d.state == "pending":
+                    info = self.backend.device(d.device_id)
+                    d.state = "timeout"
+                    d.reason = (
+                        f"offline, no report within {r.timeout_s:g}s"
+                        if info is None or not info.online
+                        else f"did not apply within {r.timeout_s:g}s"
+                    )
+                    changed.append(d)
+        self.store.update_devices(changed)
+
+        # 3. failure budget
+        failed = [d for d in devices if d.state in ("failed", "timeout")]
+        if devices and len(failed) / len(devices) > r.max_failure:
+            first = failed[0]
+            reason = (
+                f"stage {r.stage + 1}: {len(failed)} of {len(devices)} devices failed "
+                f"(max {r.max_failure:.0%}); {first.device_id}: {first.reason}"
+            )
+            return self._fail(r, devices, reason)
+        if any(d.state in ("pending", "waiting", "issuing") for d in devices):
+            return r
+
+        # 4. soak with the telemetry gate
+        if r.phase == "deploying":
+            r.phase = "soaking"
+            r.soak_started_at = now
+            self.store.save(r)
+        assert r.soak_started_at is not None
+        applied = [d.device_id for d in devices if d.state == "applied"]
+        if applied and (r.soak_s > 0):
+            health = self.backend.telemetry(applied, since=r.soak_started_at)
+            if health.requests and health.error_rate > r.max_error_rate:
+                reason = (
+                    f"stage {r.stage + 1}: telemetry gate: error rate {health.error_rate:.1%} "
+                    f"({health.errors}/{health.requests} requests) above {r.max_error_rate:.1%}"
+                )
+                return self._fail(r, devices, reason)
+            if r.max_p99_ms is not None and health.p99_ms is not None and health.p99_ms > r.max_p99_ms:
+                reason = (
+                    f"stage {r.stage + 1}: telemetry gate: p99 latency {health.p99_ms:.1f} ms "
+                    f"above {r.max_p99_ms:g} ms"
+                )
+                return self._fail(r, devices, reason)
+        if now - r.soak_started_at < r.soak_s:
+            return r
+
+        # 5. stage passed
+        r.stage_log.append(
+            {
+                "stage": r.stage + 1,
+                "percent": r.stages[r.stage],
+                "devices": len(devices),
+                "applied": len(applied),
+                "failed": len(failed),
+                "seconds": round(now - r.stage_started_at, 3),
+                "result": "passed",
+            }
+        )
+        log.info("rollout stage passed name=%s stage=%d devices=%d", name, r.stage + 1, len(devices))
+        if r.stage + 1 >= len(r.stages):
+            r.state = "succeeded"
+            r.reason = None
+        else:
+            r.stage += 1
+            r.phase = "deploying"
+            r.stage_started_at = None
+            r.soak_started_at = None
+        self.store.save(r)
+        return r
+
+    # -------------------------------------------------------------- helpers
+
+    def _issue(self, r: Rollout, devices: list[RolloutDevice]) -> None:
+        # remember each device's previous desired state before publishing ours, so a
+        # crash between the two re-publishes ('issuing') without mistaking ours for theirs
+        fresh = [d for d in devices if d.state == "waiting"]
+        for d in fresh:
+            info = self.backend.device(d.device_id)
+            d.previous = info.desired if info else None
+            d.state = "issuing"
+        self.store.update_devices(fresh)
+        versions = self.backend.set_desired({d.device_id: r.model for d in devices})
+        for d in devices:
+            d.state = "pending"
+            d.desired_version = versions[d.device_id]
+        self.store.update_devices(devices)
+
+    def _roll_back(self, devices: list[RolloutDevice]) -> None:
+        if not devices:
+            return
+        self.backend.set_desired({d.device_id: d.previous for d in devices})
+        for d in devices:
+            d.reason = (d.reason + "; " if d.reason else "") + (
+                f"rolled back to {d.previous.key}" if d.previous else "rolled back (no previous model: desired cleared)"
+            )
+            d.state = "rolled_back"
+        self.store.update_devices(devices)
+
+    def _fail(self, r: Rollout, devices: list[RolloutDevice], reason: str) -> Rollout:
+        log.warning("rollout stage failed name=%s reason=%s", r.name, reason)
+        self._roll_back([d for d in devices if d.state != "waiting"])
+        r.stage_log.append(
+            {
+                "stage": r.stage + 1,
+                "percent": r.stages[r.stage],
+                "devices": len(devices),
+                "seconds": round(self.clock() - (r.stage_started_at or self.clock()), 3),
+                "result": "failed",
+                "reason": reason,
+            }
+        )
+        r.state = "failed"
+        r.reason = reason + " — its devices were rolled back"
+        self.store.save(r)
+        return r
+
+    # -------------------------------------------------------------- views
+
+    def status(self, name: str) -> dict[str, Any]:
+        """A JSON-ready view: rollout settings, per-stage progress, per-device state."""
+        r = self.store.get(name)
+        devices = self.store.devices(name)
+        sizes = stage_sizes(len(devices), r.stages)
+        stages = []
+        for i, pct in enumerate(r.stages):
+            members = [d for d in devices if d.stage == i]
+            counts: dict[str, int] = {}
+            for d in members:
+                counts[d.state] = counts.get(d.state, 0) + 1
+            stages.append({"stage": i + 1, "percent": pct, "cumulative_devices": sizes[i], "devices": len(members), "states": counts})
+        return {
+            "name": r.name,
+            "model": r.model.key,
+            "target": r.target,
+            "state": r.state,
+            "stage": r.stage + 1,
+            "phase": r.phase,
+            "reason": r.reason,
+            "max_failure": r.max_failure,
+            "soak_s": r.soak_s,
+            "timeout_s": r.timeout_s,
+            "max_error_rate": r.max_error_rate,
+            "max_p99_ms": r.max_p99_ms,
+            "created_at": r.created_at,
+            "updated_at": r.updated_at,
+            "stages": stages,
+            "stage_log": r.stage_log,
+            "devices": [
+                {
+                    "device_id": d.device_id,
+                    "stage": d.stage + 1,
+                    "state": d.state,
+                    "previous": d.previous.key if d.previous else None,
+                    "reason": d.reason,
+                }
+                for d in devices
+            ],
+        }
+
+
+def _with_tags(info: DeviceInfo, central: dict[str, dict[str, str]]) -> DeviceInfo:
+    extra = central.get(info.device_id)
+    if not extra:
+        return info
+    from dataclasses import replace
+
+    return replace(info, tags={**info.tags, **extra})
+
+
+def merged_devices(store: FleetStore, backend: FleetBackend) -> list[DeviceInfo]:
+    """Every device with its central tags laid over the ones it reported."""
+    central = store.tags()
+    return [_with_tags(d, central) for d in backend.devices()]

@@ -1,0 +1,377 @@
+"""Persisted fleet state: rollouts, their devices and central device tags.
+
+The tables live in the registry database (`$MODELFLEET_HOME/registry.db`),
+created here. Every engine step commits before it publishes anything that
+depends on it, so a controller killed at any instant resumes from the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer.errors import DeployerError
+from modelfleet.deployer.home import modelfleet_home
+
+ACTIVE_STATES = ("running", "paused")
+TERMINAL_STATES = ("succeeded", "failed", "aborted", "rolled_back")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fleet_rollouts (
+    name TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    target TEXT NOT NULL,
+    stages TEXT NOT NULL,
+    max_failure REAL NOT NULL,
+    soak_s REAL NOT NULL,
+    timeout_s REAL NOT NULL,
+    max_error_rate REAL NOT NULL,
+    max_p99_ms REAL,
+    backend TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL,
+    stage INTEGER NOT NULL DEFAULT 0,
+    phase TEXT NOT NULL DEFAULT 'deploying',
+    stage_started_at REAL,
+    soak_started_at REAL,
+    reason TEXT,
+    stage_log TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fleet_rollout_devices (
+    rollout TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    stage INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    desired_version INTEGER,
+    previous TEXT,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (rollout, device_id)
+);
+CREATE INDEX IF NOT EXISTS fleet_rollout_devices_device ON fleet_rollout_devices (device_id);
+CREATE TABLE IF NOT EXISTS fleet_tags (
+    device_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (device_id, key)
+);
+"""
+
+
+class FleetError(DeployerError):
+    """A fleet operation was refused; the message says why."""
+
+
+class RolloutNotFoundError(FleetError):
+    default_hint = "run `modelfleet fleet rollout list` to see rollouts"
+
+
+class RolloutConflictError(FleetError):
+    default_hint = "wait for the other rollout to finish, or abort it, or narrow --target"
+
+
+@dataclass
+class Rollout:
+    """One rollout's persisted state."""
+
+    name: str
+    model: ModelVersionRef
+    target: str
+    stages: list[int]
+    max_failure: float
+    soak_s: float
+    timeout_s: float
+    max_error_rate: float
+    max_p99_ms: float | None
+    backend: dict[str, Any]
+    state: str = "running"
+    stage: int = 0
+    phase: str = "deploying"  # deploying | soaking
+    stage_started_at: float | None = None
+    soak_started_at: float | None = None
+    reason: str | None = None
+    stage_log: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+@dataclass
+class RolloutDevice:
+    """One device's progress in a rollout."""
+
+    rollout: str
+    device_id: str
+    position: int
+    stage: int
+    # waiting (not yet issued) | pending | applied | failed | timeout | rolled_back
+    state: str = "waiting"
+    desired_version: int | None = None
+    previous: ModelVersionRef | None = None
+    reason: str | None = None
+    updated_at: float = 0.0
+
+
+def _row_rollout(row: sqlite3.Row) -> Rollout:
+    return Rollout(
+        name=row["name"],
+        model=ModelVersionRef.from_dict(json.loads(row["model"])),
+        target=row["target"],
+        stages=json.loads(row["stages"]),
+        max_failure=row["max_failure"],
+        soak_s=row["soak_s"],
+        timeout_s=row["timeout_s"],
+        max_error_rate=row["max_error_rate"],
+        max_p99_ms=row["max_p99_ms"],
+        backend=json.loads(row["backend"]),
+        state=row["state"],
+        stage=row["stage"],
+        phase=row["phase"],
+        stage_started_at=row["stage_started_at"],
+        soak_started_at=row["soak_started_at"],
+        reason=row["reason"],
+        stage_log=json.loads(row["stage_log"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _row_device(row: sqlite3.Row) -> RolloutDevice:
+    prev = row["previous"]
+    return RolloutDevice(
+        rollout=row["rollout"],
+        device_id=row["device_id"],
+        position=row["position"],
+        stage=row["stage"],
+        state=row["state"],
+        desired_version=row["desired_version"],
+        previous=ModelVersionRef.from_dict(json.loads(prev)) if prev else None,
+        reason=row["reason"],
+        updated_at=row["updated_at"],
+    )
+
+
+class FleetStore:
+    """Fleet tables in the registry database."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home if home is not None else modelfleet_home()
+        self.db_path = self.home / "registry.db"
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            with self._connect() as conn:
+                conn.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise FleetError(
+                f"cannot open the fleet state in {self.db_path}: {exc}",
+                hint="set MODELFLEET_HOME to a writable folder",
+            ) from exc
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ rollouts
+
+    def create(self, rollout: Rollout, device_ids: Sequence[str], stage_of: Sequence[int]) -> None:
+        """Insert a rollout and its ordered devices, refusing conflicts in the same transaction."""
+        now = time.time()
+        rollout.created_at = rollout.updated_at = now
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM fleet_rollouts WHERE name = ?", (rollout.name,)).fetchone():
+                raise FleetError(
+                    f"a rollout named {rollout.name!r} already exists",
+                    hint="pick another name, or see it with `modelfleet fleet rollout status`",
+                )
+            conn.execute("CREATE TEMP TABLE wanted (device_id TEXT PRIMARY KEY)")
+            conn.executemany("INSERT INTO wanted VALUES (?)", ((d,) for d in device_ids))
+            clash = conn.execute(
+                "SELECT d.device_id, r.name, r.state, COUNT(*) OVER () AS n "
+                "FROM wanted w JOIN fleet_rollout_devices d ON d.device_id = w.device_id "
+                "JOIN fleet_rollouts r ON r.name = d.rollout "
+                f"WHERE r.state IN ({','.join('?' * len(ACTIVE_STATES))}) "
+                "ORDER BY d.device_id LIMIT 1",
+                ACTIVE_STATES,
+            ).fetchone()
+            conn.execute("DROP TABLE wanted")
+            if clash:
+                more = f" (and {clash['n'] - 1} more devices)" if clash["n"] > 1 else ""
+                raise RolloutConflictError(
+                    f"rollout {rollout.name!r} conflicts with rollout {clash['name']!r} ({clash['state']}): "
+                    f"device {clash['device_id']!r}{more} is already in it"
+                )
+            conn.execute(
+                "INSERT INTO fleet_rollouts (name, model, target, stages, max_failure, soak_s, timeout_s, "
+                "max_error_rate, max_p99_ms, backend, state, stage, phase, stage_log, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 'deploying', '[]', ?, ?)",
+                (
+                    rollout.name,
+                    json.dumps(rollout.model.to_dict()),
+                    rollout.target,
+                    json.dumps(rollout.stages),
+                    rollout.max_failure,
+                    rollout.soak_s,
+                    rollout.timeout_s,
+                    rollout.max_error_rate,
+                    rollout.max_p99_ms,
+                    json.dumps(rollout.backend),
+                    rollout.state,
+                    now,
+                    now,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO fleet_rollout_devices (rollout, device_id, position, stage, state, updated_at) "
+                "VALUES (?, ?, ?, ?, 'waiting', ?)",
+                ((rollout.name, d, i, s, now) for i, (d, s) in enumerate(zip(device_ids, stage_of, strict=True))),
+            )
+
+    def get(self, name: str) -> Rollout:
+        with self._connect() as conn:
+            row = conn.execute("SELECT * FROM fleet_rollouts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise RolloutNotFoundError(f"no rollout named {name!r}")
+        return _row_rollout(row)
+
+    def all(self) -> list[Rollout]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT * FROM fleet_rollouts ORDER BY created_at").fetchall()
+        return [_row_rollout(r) for r in rows]
+
+    def save(self, rollout: Rollout, *, force: bool = False) -> bool:
+        """Write a rollout's progress. Unless `force`, only while the stored state is still
+        `running` (or already the new state): an operator's pause/abort wins over a controller."""
+        rollout.updated_at = time.time()
+        guard = "" if force else " AND state IN ('running', ?)"
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE fleet_rollouts SET state = ?, stage = ?, phase = ?, stage_started_at = ?, "
+                "soak_started_at = ?, reason = ?, stage_log = ?, updated_at = ? WHERE name = ?" + guard,
+                (
+                    rollout.state,
+                    rollout.stage,
+                    rollout.phase,
+                    rollout.stage_started_at,
+                    rollout.soak_started_at,
+                    rollout.reason,
+                    json.dumps(rollout.stage_log),
+                    rollout.updated_at,
+                    rollout.name,
+                    *(() if force else (rollout.state,)),
+                ),
+            ).rowcount == 1
+
+    def set_state(self, name: str, state: str, *, only_from: Iterable[str] | None = None) -> bool:
+        """Change a rollout's state (optionally only from given states); False if it did not apply."""
+        with self._write() as conn:
+            sql = "UPDATE fleet_rollouts SET state = ?, updated_at = ? WHERE name = ?"
+            args: list[Any] = [state, time.time(), name]
+            if only_from is not None:
+                states = list(only_from)
+                sql += f" AND state IN ({','.join('?' * len(states))})"
+                args += states
+            return conn.execute(sql, args).rowcount == 1
+
+    # ------------------------------------------------------------------ devices
+
+    def devices(self, name: str, *, stage: int | None = None, states: Iterable[str] | None = None) -> list[RolloutDevice]:
+        sql = "SELECT * FROM fleet_rollout_devices WHERE rollout = ?"
+        args: list[Any] = [name]
+        if stage is not None:
+            sql += " AND stage = ?"
+            args.append(stage)
+        if states is not None:
+            wanted = list(states)
+            sql += f" AND state IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        with self._connect() as conn:
+            rows = conn.execute(sql + " ORDER BY position", args).fetchall()
+        return [_row_device(r) for r in rows]
+
+    def update_devices(self, devices: Iterable[RolloutDevice]) -> None:
+        now = time.time()
+        rows = [
+            (
+                d.state,
+                d.desired_version,
+                json.dumps(d.previous.to_dict()) if d.previous else None,
+                d.reason,
+                now,
+                d.rollout,
+                d.device_id,
+            )
+            for d in devices
+        ]
+        if not rows:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE fleet_rollout_devices SET state = ?, desired_version = ?, previous = ?, reason = ?, "
+                "updated_at = ? WHERE rollout = ? AND device_id = ?",
+                rows,
+            )
+
+    def counts(self, name: str) -> dict[int, dict[str, int]]:
+        """Per stage, how many devices are in each state."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT stage, state, COUNT(*) AS n FROM fleet_rollout_devices WHERE rollout = ? "
+                "GROUP BY stage, state",
+                (name,),
+            ).fetchall()
+        out: dict[int, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["stage"], {})[r["state"]] = r["n"]
+        return out
+
+    # ------------------------------------------------------------------ tags
+
+    def tags(self) -> dict[str, dict[str, str]]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT device_id, key, value FROM fleet_tags").fetchall()
+        out: dict[str, dict[str, str]] = {}
+        for r in rows:
+            out.setdefault(r["device_id"], {})[r["key"]] = r["value"]
+        return out
+
+    def set_tags(self, device_id: str, tags: Mapping[str, str | None]) -> None:
+        with self._write() as conn:
+            for key, value in tags.items():
+                if value is None:
+                    conn.execute("DELETE FROM fleet_tags WHERE device_id = ? AND key = ?", (device_id, key))
+                else:
+                    conn.execute(
+                        "INSERT INTO fleet_tags VALUES (?, ?, ?) "
+                        "ON CONFLICT (device_id, key) DO UPDATE SET value = excluded.value",
+                        (device_id, key, value),
+                    )

@@ -1,0 +1,284 @@
+"""The rollout engine over the in-memory backend: staging, gates, rollback, persistence, conflicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+from modelfleet.deployer.fleet.rollout import (
+    RolloutEngine,
+    RolloutSpec,
+    parse_duration,
+    parse_ratio,
+    parse_stages,
+    rollout_order,
+    stage_sizes,
+)
+from modelfleet.deployer.fleet.store import FleetError, FleetStore, RolloutConflictError
+
+SHA1 = "1" * 64
+SHA2 = "2" * 64
+
+
+def ref(version: int, sha: str = SHA2) -> ModelVersionRef:
+    return ModelVersionRef(name="digits", version=version, url="http://127.0.0.1:1/a", sha256=sha, size=10)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> tuple[RolloutEngine, MemoryFleetBackend, Clock]:
+    backend = MemoryFleetBackend()
+    for i in range(10):
+        backend.add(f"dev-{i:02d}", tags={"site": "a" if i < 8 else "b"})
+    backend.set_desired({f"dev-{i:02d}": ref(1, SHA1) for i in range(10)})
+    for i in range(10):
+        backend.report(f"dev-{i:02d}", "applied")
+    clock = Clock()
+    return RolloutEngine(FleetStore(tmp_path), backend, clock=clock), backend, clock
+
+
+def apply_all(backend: MemoryFleetBackend, engine: RolloutEngine, name: str, status: str = "applied") -> None:
+    for d in engine.store.devices(name, states=("pending",)):
+        backend.report(d.device_id, status, reason=None if status == "applied" else "boom", stage="warmup")
+
+
+def test_order_is_stable_and_depends_on_the_rollout_name() -> None:
+    ids = [f"d{i}" for i in range(50)]
+    assert rollout_order("r1", ids) == rollout_order("r1", list(reversed(ids)))
+    assert rollout_order("r1", ids) != rollout_order("r2", ids)
+
+
+def test_stage_sizes_are_cumulative_with_at_least_one_new_device() -> None:
+    assert stage_sizes(10, [10, 50, 100]) == [1, 5, 10]
+    assert stage_sizes(3, [1, 10, 50, 100]) == [1, 2, 3, 3]
+    assert stage_sizes(1000, [1, 10, 100]) == [10, 100, 1000]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1,x,100", "'x' is not a whole percentage"),
+        ("10,5,100", "5 does not increase on 10"),
+        ("10,50", "the last stage must be 100"),
+        ("0,100", "0 is outside 1..100"),
+    ],
+)
+def test_bad_stages_are_refused_with_the_reason(text: str, message: str) -> None:
+    with pytest.raises(FleetError, match=message):
+        parse_stages(text)
+
+
+def test_durations_and_ratios_parse_and_refuse_nonsense() -> None:
+    assert parse_duration("2m", "--soak") == 120
+    assert parse_duration("500ms", "--soak") == 0.5
+    assert parse_ratio("5%", "--max-failure") == pytest.approx(0.05)
+    with pytest.raises(FleetError, match="--soak: 'soon' is not a duration"):
+        parse_duration("soon", "--soak")
+    with pytest.raises(FleetError, match="--max-failure: '150%' must be between"):
+        parse_ratio("150%", "--max-failure")
+
+
+def test_three_stage_rollout_moves_stage_by_stage_and_succeeds(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(10, 50, 100)))
+    seen_pending = []
+    for _ in range(20):
+        r = engine.step("r")
+        if r.state != "running":
+            break
+        pending = engine.store.devices("r", states=("pending",))
+        seen_pending.append(len(pending))
+        apply_all(backend, engine, "r")
+    assert r.state == "succeeded", r.reason
+    assert [n for n in seen_pending if n] == [1, 4, 5]
+    assert all(d.desired == ref(2) and d.active == "digits:2" for d in backend.devices())
+    assert [s["result"] for s in r.stage_log] == ["passed"] * 3
+
+
+def test_failed_canary_halts_at_stage_one_and_rolls_it_back(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(10, 100), max_failure=0.05))
+    engine.step("r")
+    apply_all(backend, engine, "r", status="failed")
+    r = engine.step("r")
+    assert r.state == "failed"
+    assert "stage 1: 1 of 1 devices failed" in (r.reason or "")
+    assert "warmup: boom" in (r.reason or "")
+    canary = engine.store.devices("r", stage=0)[0]
+    assert canary.state == "rolled_back"
+    assert backend.device(canary.device_id).desired == ref(1, SHA1)  # type: ignore[union-attr]
+    untouched = [d for d in backend.devices() if d.device_id != canary.device_id]
+    assert all(d.desired == ref(1, SHA1) for d in untouched)
+    assert len(backend.published) == 10 + 2  # initial + canary + its rollback
+
+
+def test_failures_within_budget_let_the_stage_pass(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), max_failure=0.2))
+    engine.step("r")
+    pending = engine.store.devices("r", states=("pending",))
+    backend.report(pending[0].device_id, "failed", reason="disk full", stage="download")
+    for d in pending[1:]:
+        backend.report(d.device_id, "applied")
+    r = engine.step("r")
+    assert r.state == "succeeded"
+
+
+def test_offline_device_is_pending_until_timeout_then_counts_as_failed(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), max_failure=0.1, timeout_s=60))
+    engine.step("r")
+    offline = engine.store.devices("r", states=("pending",))[0].device_id
+    backend.set_online(offline, False)
+    for d in engine.store.devices("r", states=("pending",)):
+        if d.device_id != offline:
+            backend.report(d.device_id, "applied")
+    clock.now += 30
+    r = engine.step("r")
+    assert r.state == "running"
+    assert [d.device_id for d in engine.store.devices("r", states=("pending",))] == [offline]
+    clock.now += 31
+    r = engine.step("r")
+    assert r.state == "succeeded"  # 1 of 10 is within 10%
+    late = engine.store.devices("r", states=("timeout",))
+    assert [d.device_id for d in late] == [offline]
+    assert late[0].reason == "offline, no report within 60s"
+    # its desired state stays: it converges when it comes back
+    assert backend.device(offline).desired == ref(2)  # type: ignore[union-attr]
+
+
+def test_telemetry_gate_fails_the_soak_and_rolls_back(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(20, 100), soak_s=60, max_error_rate=0.05))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    r = engine.step("r")
+    assert r.phase == "soaking"
+    stage = [d.device_id for d in engine.store.devices("r", stage=0)]
+    clock.now += 10
+    backend.add_telemetry(stage[0], requests=100, errors=30)
+    r = engine.step("r")
+    assert r.state == "failed"
+    assert "telemetry gate: error rate 30.0% (30/100 requests) above 5.0%" in (r.reason or "")
+    assert all(backend.device(d).desired == ref(1, SHA1) for d in stage)  # type: ignore[union-attr]
+
+
+def test_p99_gate(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), soak_s=60, max_p99_ms=50))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    engine.step("r")
+    backend.add_telemetry("dev-00", requests=100, errors=0, p99_ms=80.0)
+    r = engine.step("r")
+    assert r.state == "failed"
+    assert "p99 latency 80.0 ms above 50 ms" in (r.reason or "")
+
+
+def test_healthy_soak_passes_after_its_duration(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), soak_s=60, max_p99_ms=50))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    engine.step("r")
+    backend.add_telemetry("dev-00", requests=100, errors=1, p99_ms=20.0)
+    clock.now += 59
+    assert engine.step("r").state == "running"
+    clock.now += 2
+    assert engine.step("r").state == "succeeded"
+
+
+def test_state_survives_a_new_engine_and_resumes(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock], tmp_path: Path) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(10, 100)))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    # the controlling process dies; a new one picks the rollout up from the database
+    fresh = RolloutEngine(FleetStore(tmp_path), backend, clock=clock)
+    for _ in range(5):
+        r = fresh.step("r")
+        apply_all(backend, fresh, "r")
+    assert r.state == "succeeded"
+
+
+def test_conflicting_rollout_is_refused_with_the_reason(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, _, _ = fleet
+    engine.create(RolloutSpec("first", ref(2), target="tags.site = 'b'"))
+    with pytest.raises(RolloutConflictError) as err:
+        engine.create(RolloutSpec("second", ref(3), target="*"))
+    assert "conflicts with rollout 'first' (running): device 'dev-08' (and 1 more devices) is already in it" in str(err.value)
+    # a disjoint target is fine
+    engine.create(RolloutSpec("third", ref(3), target="tags.site = 'a'"))
+    engine.abort("first")
+    engine.create(RolloutSpec("fourth", ref(4), target="tags.site = 'b'"))
+
+
+def test_bad_create_inputs_are_refused(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, _, _ = fleet
+    with pytest.raises(FleetError, match="matches no known device"):
+        engine.create(RolloutSpec("r", ref(2), target="tags.site = 'nowhere'"))
+    with pytest.raises(FleetError, match="rollout name 'bad name' is invalid"):
+        engine.create(RolloutSpec("bad name", ref(2)))
+    engine.create(RolloutSpec("r", ref(2), target="tags.site = 'a'"))
+    with pytest.raises(FleetError, match="a rollout named 'r' already exists"):
+        engine.create(RolloutSpec("r", ref(2), target="tags.site = 'b'"))
+
+
+def test_pause_stops_progress_and_resume_continues(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(10, 100)))
+    engine.step("r")
+    engine.pause("r")
+    apply_all(backend, engine, "r")
+    assert engine.step("r").state == "paused"
+    assert len(engine.store.devices("r", states=("waiting",))) == 9
+    with pytest.raises(FleetError, match="only a running rollout can be paused"):
+        engine.pause("r")
+    engine.resume("r")
+    for _ in range(4):
+        r = engine.step("r")
+        apply_all(backend, engine, "r")
+    assert r.state == "succeeded"
+    with pytest.raises(FleetError, match="only a paused or running rollout can be resumed"):
+        engine.resume("r")
+
+
+def test_operator_rollback_restores_every_touched_device(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(50, 100)))
+    for _ in range(4):
+        engine.step("r")
+        apply_all(backend, engine, "r")
+    assert engine.store.get("r").state == "succeeded"
+    r = engine.rollback("r")
+    assert r.state == "rolled_back"
+    assert all(d.desired == ref(1, SHA1) for d in backend.devices())
+    with pytest.raises(FleetError, match="already rolled back"):
+        engine.rollback("r")
+
+
+def test_status_view_has_stages_and_devices(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, _, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(10, 100)))
+    engine.step("r")
+    view = engine.status("r")
+    assert view["stages"][0] == {"stage": 1, "percent": 10, "cumulative_devices": 1, "devices": 1, "states": {"pending": 1}}
+    assert view["stages"][1]["states"] == {"waiting": 9}
+    assert view["devices"][0]["previous"] == "digits:1"
+
+
+def test_driving_a_rollout_twice_at_once_is_refused(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, _, _ = fleet
+    engine.create(RolloutSpec("r", ref(2)))
+    with engine.lease("r"), pytest.raises(FleetError, match="already driven by another process"):
+        engine.drive("r")
