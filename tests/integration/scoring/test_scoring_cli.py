@@ -1,0 +1,53 @@
+"""The `serve` command as containers run it: env aliases, several workers, start-up failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "fixtures" / "scoring" / "scripts"
+
+
+def test_azureml_environment_runs_an_entry_script_unchanged(serve_process, tmp_path, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    shutil.copy(digits_onnx, tmp_path / "model.onnx")
+    _proc, url = serve_process(
+        env={"AZUREML_MODEL_DIR": str(tmp_path), "AZUREML_ENTRY_SCRIPT": str(SCRIPTS / "score_schema.py")}
+    )
+    r = httpx.post(url + "/score", json={"data": digits_rows[:2]})
+    assert r.json() == {"label": [0, 1]}
+
+
+def test_several_workers_share_the_port(serve_process, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    proc, url = serve_process("--model-dir", str(digits_onnx.parent), "--workers", "2")
+    pids = set()
+    for _ in range(40):
+        with httpx.Client(base_url=url) as c:  # a new connection each time
+            r = c.post("/score", json={"data": digits_rows[:1]})
+            assert r.status_code == 200
+            pids.add(r.headers["x-request-id"].split("-")[0])
+    assert len(pids) == 2  # the request id prefix is per process
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+def test_startup_failure_exits_nonzero_with_the_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = subprocess.run(
+        [sys.executable, "-m", "modelfleet.scoring", "serve", "--model-dir", str(tmp_path), "--port", "0",
+         "--entry-script", str(SCRIPTS / "score_bad_init.py")],
+        capture_output=True, text=True, timeout=60, env=os.environ,
+    )
+    assert run.returncode == 1
+    assert "event=startup_failed stage=load" in run.stderr
+    assert "init() raised FileNotFoundError: model.pkl not found" in run.stderr
+
+    empty = subprocess.run(
+        [sys.executable, "-m", "modelfleet.scoring", "serve", "--model-dir", str(tmp_path), "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert empty.returncode == 1
+    assert "no .onnx or .tflite file in" in empty.stderr

@@ -1,0 +1,75 @@
+"""Small pieces without a server: keys files, tensor validation, the Azure ML import shim."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelfleet.scoring import ConfigError, InputError
+from modelfleet.scoring.auth import KeyRing
+from modelfleet.scoring.runtimes.base import TensorSpec
+from modelfleet.scoring.tensors import to_array, to_feeds
+
+
+def test_keys_file_errors_name_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text("nope")
+    with pytest.raises(ConfigError) as info:
+        KeyRing(path)
+    assert info.value.field == "keys_file"
+    assert "is not JSON" in str(info.value)
+    path.write_text(json.dumps({"secondary": "x"}))
+    with pytest.raises(ConfigError, match='needs a non-empty "primary" key'):
+        KeyRing(path)
+    admin = tmp_path / "admin"
+    admin.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty; it must hold one token"):
+        KeyRing(admin, single_token=True)
+
+
+def test_keyring_accepts_either_key_only_as_bearer(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"primary": "p", "secondary": "s"}))
+    ring = KeyRing(path)
+    assert ring.check("Bearer p") and ring.check("bearer s")
+    assert not ring.check("Bearer x") and not ring.check("p") and not ring.check(None)
+    assert KeyRing().check(None)  # no keys configured: open
+
+
+def test_tensor_validation_messages() -> None:
+    spec = TensorSpec("img", "float32", (-1, 2, 2))
+    assert to_array([[1, 2], [3, 4]], spec).shape == (1, 2, 2)
+    with pytest.raises(InputError, match=r"input 'img': expected shape \[N, 2, 2\] \(float32\), got \[1, 2, 3\]"):
+        to_array([[[1, 2, 3], [1, 2, 3]]], spec)
+    with pytest.raises(InputError, match="input 'img': expected float32 values"):
+        to_array([[[1, 2], [3, 4]], [[1], [2, 3]]], spec)
+    two = [TensorSpec("a", "int64", (-1,)), TensorSpec("b", "float32", (-1,))]
+    with pytest.raises(InputError, match="this model has several inputs"):
+        to_feeds({"data": [1]}, two)
+    with pytest.raises(InputError, match="missing input 'b': expected float32 with shape"):
+        to_feeds({"data": {"a": [1]}}, two)
+    feeds = to_feeds({"data": {"a": [1, 2], "b": [0.5, 1]}}, two)
+    assert feeds["a"].dtype == np.int64 and feeds["b"].dtype == np.float32
+
+
+def test_azureml_shim_serves_the_import_paths_only_when_missing() -> None:
+    from modelfleet.scoring import azureml_compat
+
+    azureml_compat.install_import_shim()
+    azureml_compat.install_import_shim()  # idempotent
+    assert sys.meta_path.count(azureml_compat._finder) == 1
+    assert sys.meta_path[-1] is azureml_compat._finder  # last: a real package always wins
+    req = importlib.import_module("azureml.contrib.services.aml_request")
+    resp = importlib.import_module("azureml.contrib.services.aml_response")
+    assert req.rawhttp is azureml_compat.rawhttp and resp.AMLResponse is azureml_compat.AMLResponse
+    r = resp.AMLResponse({"a": 1}, 202, json_str=True)
+    assert (r.status_code, r.get_data(), r.headers["Content-Type"]) == (202, b'{"a":1}', "application/json")
+    request = req.AMLRequest("POST", "/score", "a=1&b=", {"Content-Type": "application/json"}, b'{"x": 2}')
+    assert request.args == {"a": "1", "b": ""}
+    assert request.headers["content-type"] == "application/json"
+    assert request.get_json() == {"x": 2} and request.get_data(as_text=True) == '{"x": 2}'
