@@ -1,0 +1,167 @@
+"""Docker target figures: image build/caching, deploy-to-ready, and update under traffic.
+
+The update is measured twice in the same run: modelfleet's hot-swap
+(`DockerTarget.update`) and, as the baseline, what a user would do without it
+(delete the container and deploy the new version on the same port). Both run
+with the same client load; the figures are failed requests and the time the
+service did not answer.
+
+    .venv/bin/python benchmarks/docker_update.py [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from modelfleet.deployer.samples import digits_rows, make_digits_onnx
+from modelfleet.deployer.targets.base import (
+    DeploymentConfig,
+    InferenceConfig,
+    ModelBinding,
+    ServiceRecord,
+    ServiceSpec,
+)
+from modelfleet.deployer.targets.docker import DockerTarget
+
+
+class Load:
+    """Closed-loop clients; records failures and the longest gap between successes."""
+
+    def __init__(self, url: str, key: str, clients: int) -> None:
+        self.url, self.key = url, key
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failed = 0
+        self.last_ok = time.monotonic()
+        self.longest_gap = 0.0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        body = {"data": digits_rows(1)}
+        headers = {"Authorization": f"Bearer {self.key}"}
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    good = client.post(self.url, json=body, headers=headers).status_code == 200
+                except httpx.HTTPError:
+                    good = False
+                    time.sleep(0.01)  # a refused connection returns at once; do not spin
+                now = time.monotonic()
+                with self.lock:
+                    if good:
+                        self.ok += 1
+                        self.longest_gap = max(self.longest_gap, now - self.last_ok)
+                        self.last_ok = now
+                    else:
+                        self.failed += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def model(path: Path, version: int) -> ModelBinding:
+    import hashlib
+
+    return ModelBinding("digits", version, path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def keyed(record: ServiceRecord) -> tuple[str, str]:
+    assert record.scoring_uri
+    keys = json.loads((Path(record.target_data["workdir"]) / "secrets" / "keys.json").read_text())
+    return record.scoring_uri, str(keys["primary"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    target = DockerTarget()
+    quiet = lambda _line: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        v1 = model(make_digits_onnx(tmp / "v1" / "model.onnx", variant=1), 1)
+        v2 = model(make_digits_onnx(tmp / "v2" / "model.onnx", variant=4), 2)
+        deployment = DeploymentConfig(cpu_cores=1.0, memory_gb=0.5)
+        spec = ServiceSpec("bench-docker", (v1,), InferenceConfig(), deployment, tmp / "svc")
+
+        t = time.perf_counter()
+        target.build(spec, quiet)  # base/runtime images: cached after the first run
+        warm = time.perf_counter() - t
+        src = tmp / "src"
+        src.mkdir()
+        (src / "score.py").write_text(
+            f"# {time.time_ns()}\ndef init():\n    pass\n\ndef run(d):\n    return d\n"
+        )
+        fresh = replace(
+            spec, inference=InferenceConfig(source_directory=src, entry_script="score.py")
+        )
+        t = time.perf_counter()
+        tag, _, built = target.build(fresh, quiet)
+        fresh_build = time.perf_counter() - t
+        assert built
+        target.client.images.remove(tag)
+        t = time.perf_counter()
+        _, _, rebuilt = target.build(spec, quiet)
+        cached_build = time.perf_counter() - t
+        assert not rebuilt
+
+        t = time.perf_counter()
+        record = target.deploy(spec, quiet)
+        deploy_s = time.perf_counter() - t
+        url, key = keyed(record)
+
+        # modelfleet: hot-swap in the running container
+        with Load(url, key, args.clients) as load:
+            time.sleep(1.0)
+            t = time.perf_counter()
+            record = target.update(record, replace(spec, models=(v2,)), quiet)
+            swap_s = time.perf_counter() - t
+            time.sleep(1.0)
+        swap = (load.ok, load.failed, load.longest_gap)
+
+        # baseline: delete + deploy the next version on the same port
+        port = int(record.target_data["port"])
+        v1_again = replace(spec, models=(v1,), deployment=replace(deployment, port=port))
+        with Load(url, key, args.clients) as load:
+            time.sleep(1.0)
+            t = time.perf_counter()
+            target.delete(record, quiet)
+            record = target.deploy(v1_again, quiet)
+            recreate_s = time.perf_counter() - t
+            time.sleep(1.0)
+        recreate = (load.ok, load.failed, load.longest_gap)
+        target.delete(record, quiet)
+
+    print(f"{'figure':44} {'value':>12}")
+    print(f"{'build check, all images cached (s)':44} {warm:12.2f}")
+    print(f"{'service image build, new content (s)':44} {fresh_build:12.2f}")
+    print(f"{'service image, unchanged spec (s)':44} {cached_build:12.2f}")
+    print(f"{'deploy to ready, image cached (s)':44} {deploy_s:12.2f}")
+    print()
+    print(
+        f"update under load ({args.clients} clients)   {'ok':>8} {'failed':>8} {'gap s':>8} {'took s':>8}"
+    )
+    print(f"{'modelfleet hot-swap':36} {swap[0]:8d} {swap[1]:8d} {swap[2]:8.2f} {swap_s:8.2f}")
+    print(
+        f"{'baseline: delete + deploy':36} {recreate[0]:8d} {recreate[1]:8d} {recreate[2]:8.2f} {recreate_s:8.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
