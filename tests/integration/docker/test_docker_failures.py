@@ -120,3 +120,11 @@ def test_existing_container_of_that_name_is_not_replaced(
         other.reload()  # still there, untouched
     finally:
         other.remove(force=True)
+
+
+def test_more_than_one_replica_is_refused(
+    make_spec: SpecFactory, docker_target: DockerTarget
+) -> None:
+    spec = make_spec(deployment=DeploymentConfig(replicas=3))
+    with pytest.raises(DeploymentError, match="one container per service, not 3"):
+        docker_target.deploy(spec, lambda _line: None)

@@ -93,6 +93,11 @@ class DockerTarget:
     def deploy(self, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
         import docker.errors
 
+        if spec.deployment.replicas != 1:
+            raise DockerTargetError(
+                f"the docker target runs one container per service, not {spec.deployment.replicas}",
+                hint="set replicas to 1 (numReplicas), or use the kubernetes target for more",
+            )
         client = self.client
         container_name = _container_name(spec.name)
         try:

@@ -1,0 +1,98 @@
+"""`modelfleet` run as a user would, against a temporary $MODELFLEET_HOME and a real engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import containers_of
+
+from modelfleet.deployer.samples import digits_rows
+
+pytestmark = pytest.mark.docker
+
+MODELFLEET = str(Path(sys.executable).with_name("modelfleet"))
+
+
+def run(home: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MODELFLEET_HOME": str(home)}
+    result = subprocess.run(
+        [MODELFLEET, *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    if ok:
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+    return result
+
+
+def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
+    tmp_path: Path, digits_onnx: Path, digits_onnx_v2: Path, docker_client: Any
+) -> None:
+    home = tmp_path / "home"
+    run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx))
+    run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx_v2))
+    dc = tmp_path / "deploymentconfig.json"
+    dc.write_text(
+        json.dumps(
+            {
+                "computeType": "docker",
+                "containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 0.25},
+                "authEnabled": True,
+            }
+        )
+    )
+    body = json.dumps({"data": digits_rows(1)})
+    deployed = run(home, "deploy", "cli-docker", "-m", "digits:1", "-dc", str(dc), "-o", "json")
+    try:
+        view = json.loads(deployed.stdout)
+        assert view["target"] == "docker" and view["state"] == "healthy"
+        host = docker_client.api.inspect_container(view["container_name"])["HostConfig"]
+        assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 256 * 1024 * 1024
+
+        called = json.loads(
+            run(home, "service", "call", "cli-docker", "-d", body, "-o", "json").stdout
+        )
+        assert called["status_code"] == 200 and called["model_version"] == "1"
+        refused = run(home, "service", "call", "cli-docker", "-d", body, "--no-auth", ok=False)
+        assert refused.returncode != 0 and "401" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+        run(home, "service", "regen-key", "cli-docker", "--key", "primary")
+        deadline = time.monotonic() + 15
+        while run(home, "service", "call", "cli-docker", "-d", body, ok=False).returncode != 0:
+            assert time.monotonic() < deadline, "the rotated key is accepted without a restart"
+            time.sleep(0.3)
+
+        run(home, "service", "update", "cli-docker", "-m", "digits:2")
+        called = json.loads(
+            run(home, "service", "call", "cli-docker", "-d", body, "-o", "json").stdout
+        )
+        assert called["model_version"] == "2"
+        shown = json.loads(run(home, "service", "show", "cli-docker", "-o", "json").stdout)
+        assert shown["state"] == "healthy" and shown["models"] == ["digits:2"]
+        assert run(home, "service", "logs", "cli-docker").stdout.strip()
+    finally:
+        run(home, "service", "delete", "cli-docker", ok=False)
+    assert containers_of(docker_client, "cli-docker") == []
+    assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
+
+
+def test_cli_docker_deploy_with_missing_base_image_fails_cleanly(
+    tmp_path: Path, digits_onnx: Path, docker_client: Any
+) -> None:
+    home = tmp_path / "home"
+    run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx))
+    failed = run(
+        home, "deploy", "cli-nobase", "-m", "digits:1", "--target", "docker",
+        "--base-image", "modelfleet/absent:0", ok=False,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert "error: base image 'modelfleet/absent:0' is not present" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
+    assert containers_of(docker_client, "cli-nobase") == []
