@@ -96,3 +96,15 @@ def test_cli_docker_deploy_with_missing_base_image_fails_cleanly(
     assert "Traceback" not in failed.stderr
     assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
     assert containers_of(docker_client, "cli-nobase") == []
+
+
+def test_cli_docker_base_image_prepares_cached_images(tmp_path: Path, docker_client: Any) -> None:
+    home = tmp_path / "home"
+    view = json.loads(run(home, "docker", "base-image", "-o", "json").stdout)
+    for key in ("base_image", "runtime_image"):
+        labels = docker_client.images.get(view[key]).labels
+        assert labels["modelfleet.kind"] == key.split("_")[0]
+    assert Path(view["wheelhouse"], "requirements.txt").is_file()
+    bad = run(home, "docker", "base-image", "--base-image", "modelfleet/absent:0", ok=False)
+    assert bad.returncode != 0
+    assert "images are never pulled" in bad.stderr and "Traceback" not in bad.stderr
