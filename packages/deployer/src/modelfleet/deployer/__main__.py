@@ -1,0 +1,5 @@
+"""`python -m modelfleet.deployer ...`: the `modelfleet` command."""
+
+from modelfleet.deployer.cli import main
+
+main()

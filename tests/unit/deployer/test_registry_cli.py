@@ -1,0 +1,104 @@
+"""`modelfleet model ...` and `modelfleet keys generate`, run as a user would (CliRunner)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typer.testing import Result
+
+Cli = Callable[..., Result]
+
+
+def test_register_list_show_download_delete(cli: Cli, digits_onnx: Path, tmp_path: Path) -> None:
+    out = cli("model", "register", "-n", "digits", "-p", str(digits_onnx), "--tag", "stage=dev",
+              "--property", "accuracy=0.97", "-d", "first")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "registered digits:1 (onnx" in out.stdout
+    again = cli("model", "register", "-n", "digits", "-p", str(digits_onnx))
+    assert again.exit_code == 0
+    assert "identical bytes are already registered as digits:1" in again.stdout
+
+    listed = json.loads(cli("model", "list", "-o", "json").stdout)
+    assert [(m["name"], m["version"], m["tags"]) for m in listed] == [
+        ("digits", 1, {"stage": "dev"})
+    ]
+    table = cli("model", "list").stdout
+    assert table.splitlines()[0].split()[:3] == ["NAME", "VERSION", "FRAMEWORK"]
+
+    shown = json.loads(cli("model", "show", "digits:1", "--output", "json").stdout)
+    assert shown["properties"] == {"accuracy": "0.97"} and shown["description"] == "first"
+    assert shown["sha256"] == hashlib.sha256(digits_onnx.read_bytes()).hexdigest()
+
+    got = cli("model", "download", "digits:1", "--to", str(tmp_path / "out"))
+    assert got.exit_code == 0
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == digits_onnx.read_bytes()
+
+    deleted = cli("model", "delete", "digits:1")
+    assert deleted.exit_code == 0 and "deleted digits:1" in deleted.stdout
+    assert json.loads(cli("model", "list", "-o", "json").stdout) == []
+
+
+def test_user_errors_are_one_line_with_a_hint_and_no_traceback(
+    cli: Cli, digits_onnx: Path, tmp_path: Path
+) -> None:
+    missing = cli("model", "register", "-n", "digits", "-p", str(tmp_path / "nope.onnx"))
+    assert missing.exit_code == 1
+    assert f"error: model path {tmp_path / 'nope.onnx'} does not exist" in missing.stderr
+    assert "hint: check the --path/-p argument" in missing.stderr
+    assert "Traceback" not in missing.output
+
+    cli("model", "register", "-n", "digits", "-p", str(digits_onnx))
+    unknown = cli("model", "show", "digits:3")
+    assert unknown.exit_code == 1
+    assert "error: model 'digits' has no version 3" in unknown.stderr
+    assert "hint: registered versions: 1" in unknown.stderr
+
+    no_version = cli("model", "delete", "digits")
+    assert "error: model reference 'digits' needs a version" in no_version.stderr
+
+    bad_tag = cli("model", "register", "-n", "digits", "-p", str(digits_onnx), "--tag", "oops")
+    assert bad_tag.exit_code == 1 and "error: --tag 'oops' is not KEY=VALUE" in bad_tag.stderr
+
+    assert "Traceback" in cli("--debug", "model", "show", "digits:3").stderr
+
+
+def test_signed_register_verifies_with_the_generated_public_key(
+    cli: Cli, digits_onnx: Path, tmp_path: Path
+) -> None:
+    made = json.loads(cli("keys", "generate", "--out", str(tmp_path / "keys"), "-o", "json").stdout)
+    assert (tmp_path / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+    refused = cli("keys", "generate", "--out", str(tmp_path / "keys"))
+    assert refused.exit_code == 1 and "refusing to overwrite a signing key" in refused.stderr
+
+    out = cli("model", "register", "-n", "digits", "-p", str(digits_onnx),
+              "--sign-key", made["private_key"], "-o", "json")  # fmt: skip
+    model = json.loads(out.stdout)
+    public = serialization.load_pem_public_key(Path(made["public_key"]).read_bytes())
+    assert isinstance(public, Ed25519PublicKey)
+    public.verify(base64.b64decode(model["signature"]), bytes.fromhex(model["sha256"]))
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert model["key_id"] == made["key_id"] == hashlib.sha256(raw).hexdigest()[:16]
+
+
+def test_a_non_ed25519_sign_key_is_refused(cli: Cli, digits_onnx: Path, tmp_path: Path) -> None:
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "rsa.pem").write_bytes(pem)
+    (tmp_path / "junk.pem").write_text("not a key")
+    rsa_out = cli("model", "register", "-n", "d", "-p", str(digits_onnx),
+                  "--sign-key", str(tmp_path / "rsa.pem"))  # fmt: skip
+    assert rsa_out.exit_code == 1 and "not an Ed25519 private key" in rsa_out.stderr
+    junk = cli("model", "register", "-n", "d", "-p", str(digits_onnx),
+               "--sign-key", str(tmp_path / "junk.pem"))  # fmt: skip
+    assert "is not an unencrypted PEM private key" in junk.stderr
+    assert json.loads(cli("model", "list", "-o", "json").stdout) == []
