@@ -1,0 +1,192 @@
+"""`Agent`: wires the transport, reconciler, model store, scoring host and telemetry into one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from importlib import metadata
+from typing import Any
+
+from modelfleet.scoring import ModelHost, ScoringServer, ServerSettings
+
+from .config import AgentConfig
+from .errors import AgentError
+from .protocol import CommandRequest, CommandResponse, DesiredState, ReportedState, TelemetryBatch
+from .reconciler import Backoff, CommandError, Reconciler
+from .state import StateFile
+from .store import ModelStore, TrustedKeys
+from .telemetry import TelemetryCollector, TelemetryQueue
+from .transports.base import TwinTransport
+
+log = logging.getLogger("modelfleet.agent")
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("modelfleet-agent")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def make_transport(config: AgentConfig) -> TwinTransport:
+    from .transports.mqtt import MqttSettings, MqttTransport
+
+    return MqttTransport(
+        MqttSettings(
+            device_id=config.device_id,
+            host=config.broker_host,
+            port=config.broker_port,
+            username=config.username,
+            password=config.password(),
+            prefix=config.broker_prefix,
+            keepalive_s=config.broker_keepalive_s,
+            tls=config.broker_tls,
+            ca_file=config.broker_ca_file,
+            agent_version=agent_version(),
+        )
+    )
+
+
+class Agent:
+    """One device agent. `await run(stop)` serves until `stop` is set, then shuts down cleanly."""
+
+    def __init__(self, config: AgentConfig, transport: TwinTransport | None = None) -> None:
+        self.config = config
+        self.version = agent_version()
+        self.transport = transport or make_transport(config)
+        root = config.store_dir
+        self.store = ModelStore(
+            root / "models",
+            reserve_bytes=config.store_reserve_mb * 1024 * 1024,
+            trusted_keys=TrustedKeys.load(config.store_trusted_keys) if config.store_trusted_keys else None,
+            token=config.token(),
+            rate_limit_bps=config.store_download_limit_bps,
+            timeout_s=config.store_timeout_s,
+        )
+        self.host = ModelHost()
+        self.server = ScoringServer(
+            self.host,
+            ServerSettings(
+                host=config.scoring_host,
+                port=config.scoring_port,
+                keys_file=config.scoring_keys_file,
+                model_name="model",
+            ),
+        )
+        self.reconciler = Reconciler(
+            device_id=config.device_id,
+            store=self.store,
+            host=self.host,
+            state_file=StateFile(root / "state.json"),
+            report=self._send_report,
+            backoff=Backoff(config.reconcile_retry_initial_s, config.reconcile_retry_max_s),
+            agent_version=self.version,
+        )
+        self.queue = TelemetryQueue(
+            root / "telemetry",
+            max_bytes=config.telemetry_queue_max_bytes,
+            max_records=config.telemetry_queue_max_records,
+        )
+        self.collector = TelemetryCollector(
+            config.device_id, self.host.metrics.snapshot, self.reconciler.drain_swap_events
+        )
+        self._drain_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- TwinHandler ----------------------------------------------------------------
+    def on_desired(self, state: DesiredState) -> None:
+        self.reconciler.on_desired(state)
+
+    def on_bad_desired(self, reason: str) -> None:
+        self._spawn(self.reconciler.on_bad_desired(reason))
+
+    def on_command(self, request: CommandRequest) -> None:
+        self._spawn(self._command(request))
+
+    def on_connection(self, connected: bool) -> None:
+        log.info("event=link connected=%s", connected)
+        if connected:
+            self._drain_wake.set()
+
+    # --- lifecycle --------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.reconciler.restore()
+        await self.server.start()
+        log.info("event=agent_started device=%s scoring_port=%d version=%s",
+                 self.config.device_id, self.server.port, self.version)
+        await self.transport.start(self)
+        self._tasks = [
+            asyncio.create_task(self.reconciler.run(), name="reconciler"),
+            asyncio.create_task(self._telemetry_loop(), name="telemetry"),
+            asyncio.create_task(self._drain_loop(), name="telemetry-drain"),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        await self.transport.stop()
+        await self.server.stop()
+        self.host.unload()
+        log.info("event=agent_stopped device=%s", self.config.device_id)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        # keep a reference until done: asyncio holds tasks only weakly
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _send_report(self, state: ReportedState) -> None:
+        await self.transport.report(state)
+
+    # --- commands -----------------------------------------------------------------------
+    async def _command(self, request: CommandRequest) -> None:
+        try:
+            if request.name == "get-state":
+                report = self.reconciler.last_report or await self.reconciler.republish()
+                result = {**report.to_dict(), "store": self.store.installed()}
+            elif request.name == "rollback":
+                result = (await self.reconciler.rollback()).to_dict()
+            elif request.name == "restart-model":
+                result = (await self.reconciler.restart_model()).to_dict()
+            else:
+                raise CommandError(
+                    f"unknown command {request.name!r} (known: get-state, rollback, restart-model)"
+                )
+            response = CommandResponse(request.id, True, result=result)
+        except AgentError as exc:
+            response = CommandResponse(request.id, False, error=str(exc))
+        log.info("event=command name=%s id=%s ok=%s", request.name, request.id, response.ok)
+        await self.transport.respond(response)
+
+    # --- telemetry ----------------------------------------------------------------------
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            self.queue.append(self.collector.collect())
+            self._drain_wake.set()
+
+    async def _drain_loop(self) -> None:
+        while True:
+            await self._drain_wake.wait()
+            self._drain_wake.clear()
+            await self.drain_telemetry()
+
+    async def drain_telemetry(self) -> None:
+        """Send queued records oldest first while the link is up; stop at the first failure."""
+        while len(self.queue) and self.transport.connected:
+            batch = self.queue.peek(self.config.telemetry_batch_max)
+            if not batch:
+                return
+            payload = TelemetryBatch(self.config.device_id, [rec for _, rec in batch]).encode()
+            if not await self.transport.send_telemetry(payload):
+                return  # retried on the next interval or reconnect
+            self.queue.ack([seq for seq, _ in batch])

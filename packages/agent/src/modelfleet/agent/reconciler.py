@@ -1,0 +1,302 @@
+"""The reconciler: brings the serving model in line with the desired state, one `$version` at a time.
+
+download → verify → install (the store) → load beside the active version →
+warm up → swap (the scoring host) → persist → report `applied`. Any failure
+leaves the active version serving and is reported `failed` with its stage and
+reason. Transient failures (network, server errors) are retried with capped
+exponential backoff; the rest are final for that `$version`, so a device
+never flaps between versions. A newer desired state abandons the one in
+progress (its download stops at the next chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
+
+from .errors import AgentError, ApplyError, Superseded
+from .modelref import ModelVersionRef
+from .protocol import ActiveModel, ApplyStatus, DesiredState, ReportedState
+from .state import AgentState, Failure, StateFile
+from .store import ModelStore
+
+log = logging.getLogger("modelfleet.agent.reconciler")
+
+Reporter = Callable[[ReportedState], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff for transient failures."""
+
+    initial_s: float = 1.0
+    max_s: float = 60.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1)))
+
+
+class CommandError(AgentError):
+    """A command cannot be carried out; the message says why."""
+
+
+class Reconciler:
+    """Owns the scoring host's active version and the persisted agent state."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        store: ModelStore,
+        host: ModelHost,
+        state_file: StateFile,
+        report: Reporter,
+        backoff: Backoff | None = None,
+        agent_version: str = "",
+    ) -> None:
+        self.device_id = device_id
+        self.store = store
+        self.host = host
+        self.state_file = state_file
+        self.state: AgentState = state_file.load()
+        self._report_cb = report
+        self.backoff = backoff or Backoff()
+        self.agent_version = agent_version
+        self.last_report: ReportedState | None = None
+        self.swap_events: list[dict[str, Any]] = []
+        self._desired: DesiredState | None = None
+        self._wake = asyncio.Event()
+        self._cancel = threading.Event()
+        self._lock = asyncio.Lock()  # one model change at a time (apply, rollback, restart)
+
+    # --- inputs -------------------------------------------------------------------
+    def on_desired(self, desired: DesiredState) -> None:
+        current = self._desired
+        if current is not None and desired.version <= current.version:
+            return  # a retained re-delivery after a reconnect, or a stale one: nothing new
+        self._desired = desired
+        self._cancel.set()  # abandon work on an older version, if any
+        self._wake.set()
+
+    async def on_bad_desired(self, reason: str) -> None:
+        await self._report("failed", None, stage="desired", reason=reason)
+
+    # --- start-up -----------------------------------------------------------------
+    async def restore(self) -> None:
+        """Serve the last good version again (after a restart), falling back to the previous one."""
+        for ref in (self.state.active, self.state.previous):
+            if ref is None:
+                continue
+            if not self.store.is_installed(ref):
+                log.error("event=restore_missing model=%s sha256=%s", ref.key, ref.sha256[:12])
+                continue
+            try:
+                await self.host.aload(self._spec(ref))
+            except ModelLoadError as exc:
+                log.error("event=restore_failed model=%s stage=%s reason=%r", ref.key, exc.stage, exc.reason)
+                continue
+            if ref is not self.state.active:
+                self.state.active, self.state.previous = ref, None
+                self.state_file.save(self.state)
+            log.info("event=restored model=%s", ref.key)
+            return
+
+    # --- the loop -----------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            desired = self._desired
+            if desired is None:
+                continue
+            if desired.version == self.state.handled_version:
+                await self._report_handled(desired)
+                continue
+            await self._apply_with_retries(desired)
+
+    async def _report_handled(self, desired: DesiredState) -> None:
+        failure = self.state.failure
+        if failure is not None and failure.version == desired.version:
+            await self._report("failed", desired.version, stage=failure.stage, reason=failure.reason)
+        else:
+            await self._report("applied", desired.version)
+
+    async def _apply_with_retries(self, desired: DesiredState) -> None:
+        attempt = 0
+        while self._desired is desired:
+            attempt += 1
+            self._cancel = threading.Event()
+            try:
+                async with self._lock:
+                    await self._apply(desired, attempt)
+                return
+            except Superseded as exc:
+                log.info("event=superseded version=%d reason=%r", desired.version, str(exc))
+                return
+            except ApplyError as exc:
+                if not exc.transient:
+                    await self._refuse(desired, exc.stage, exc.reason)
+                    return
+                delay = self.backoff.delay(attempt)
+                log.warning(
+                    "event=apply_retry version=%d stage=%s attempt=%d delay_s=%.1f reason=%r",
+                    desired.version, exc.stage, attempt, delay, exc.reason,
+                )
+                await self._report("applying", desired.version, stage=exc.stage,
+                                   reason=f"{exc.reason} (retry in {delay:.1f}s)", attempt=attempt)
+                with contextlib.suppress(TimeoutError):  # a newer desired state ends the wait early
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _apply(self, desired: DesiredState, attempt: int) -> None:
+        ref = desired.model
+        active = self.state.active
+        if active is not None and active == ref and self.host.active is not None:
+            await self._finish(desired, ref, swapped=False)
+            return
+        await self._report("applying", desired.version, stage="download", attempt=attempt)
+        loop = asyncio.get_running_loop()
+        cancel = self._cancel
+        await loop.run_in_executor(None, self.store.fetch, ref, cancel)
+        if self._desired is not desired:
+            raise Superseded(f"$version {desired.version} superseded after download")
+        await self._report("applying", desired.version, stage="load", attempt=attempt)
+        await self._load(ref)
+        await self._finish(desired, ref, swapped=True)
+
+    async def _load(self, ref: ModelVersionRef) -> None:
+        before = self.host.active
+        started = time.time()
+        try:
+            await self.host.aload(self._spec(ref))
+        except ModelLoadError as exc:
+            self._swap_event(before, ref, ok=False, stage=exc.stage, reason=exc.reason, ts=started)
+            raise ApplyError(exc.stage, exc.reason) from None
+        self._swap_event(before, ref, ok=True, ts=started)
+
+    async def _finish(self, desired: DesiredState, ref: ModelVersionRef, *, swapped: bool) -> None:
+        if swapped and self.state.active != ref:
+            self.state.previous = self.state.active
+            self.state.active = ref
+        self.state.applied_version = desired.version
+        self.state.handled_version = desired.version
+        self.state.failure = None
+        self.state_file.save(self.state)
+        self._prune()
+        log.info("event=applied version=%d model=%s", desired.version, ref.key)
+        await self._report("applied", desired.version)
+
+    async def _refuse(self, desired: DesiredState, stage: str, reason: str) -> None:
+        log.warning("event=apply_failed version=%d stage=%s reason=%r", desired.version, stage, reason)
+        self.state.handled_version = desired.version
+        self.state.failure = Failure(desired.version, stage, reason)
+        self.state_file.save(self.state)
+        self._prune()
+        await self._report("failed", desired.version, stage=stage, reason=reason)
+
+    def _prune(self) -> None:
+        keep = {r.sha256 for r in (self.state.active, self.state.previous) if r is not None}
+        if self._desired is not None:
+            keep.add(self._desired.model.sha256)  # its partial download, for a resume
+        self.store.prune(keep)
+
+    # --- commands -----------------------------------------------------------------
+    async def rollback(self) -> ReportedState:
+        """Swap back to the previous version; the current desired `$version` is not re-applied."""
+        async with self._lock:
+            previous, current = self.state.previous, self.state.active
+            if previous is None:
+                raise CommandError("no previous version is kept on this device")
+            if not self.store.is_installed(previous):
+                raise CommandError(f"previous version {previous.key} is no longer on disk")
+            try:
+                await self._load(previous)
+            except ApplyError as exc:
+                raise CommandError(f"rollback to {previous.key} failed at {exc.stage}: {exc.reason}") from None
+            self.state.active, self.state.previous = previous, current
+            version = self._desired.version if self._desired else self.state.handled_version
+            reason = f"rolled back from {current.key if current else 'nothing'} to {previous.key} by command"
+            if version is not None:
+                self.state.handled_version = version
+                self.state.failure = Failure(version, "rollback", reason)
+            self.state_file.save(self.state)
+            return await self._report("failed", version, stage="rollback", reason=reason)
+
+    async def restart_model(self) -> ReportedState:
+        """Load the active version again from disk (load, warm up, swap)."""
+        async with self._lock:
+            active = self.state.active
+            if active is None:
+                raise CommandError("no model version is active")
+            try:
+                await self._load(active)
+            except ApplyError as exc:
+                raise CommandError(f"restart of {active.key} failed at {exc.stage}: {exc.reason}") from None
+            return await self.republish()
+
+    async def republish(self) -> ReportedState:
+        """Report the current state again (e.g. after a reconnect or a restart-model)."""
+        last = self.last_report
+        if last is None:
+            return await self._report("applied" if self.state.active else "failed", self.state.handled_version,
+                                      stage=None if self.state.active else "desired",
+                                      reason=None if self.state.active else "no desired state received yet")
+        return await self._report(last.status, last.version, stage=last.stage, reason=last.reason,
+                                  attempt=last.attempt)
+
+    # --- helpers ------------------------------------------------------------------
+    def _spec(self, ref: ModelVersionRef) -> ModelSpec:
+        return ModelSpec(
+            model_dir=self.store.model_dir(ref),
+            entry_script=ref.entry_script,
+            name=ref.name,
+            version=str(ref.version),
+        )
+
+    def _swap_event(
+        self, before: Any, ref: ModelVersionRef, *, ok: bool, ts: float,
+        stage: str | None = None, reason: str | None = None,
+    ) -> None:
+        event: dict[str, Any] = {
+            "ts": ts,
+            "from": f"{before.name}:{before.version}" if before is not None else None,
+            "to": ref.key,
+            "ok": ok,
+        }
+        if stage is not None:
+            event["stage"], event["reason"] = stage, reason
+        if len(self.swap_events) < 1000:  # bounded even if telemetry never drains
+            self.swap_events.append(event)
+
+    def drain_swap_events(self) -> list[dict[str, Any]]:
+        events, self.swap_events = self.swap_events, []
+        return events
+
+    async def _report(
+        self, status: ApplyStatus, version: int | None, *, stage: str | None = None,
+        reason: str | None = None, attempt: int = 0,
+    ) -> ReportedState:
+        state = ReportedState(
+            device_id=self.device_id,
+            version=version,
+            status=status,
+            active=ActiveModel.of(self.state.active) if self.state.active else None,
+            previous=ActiveModel.of(self.state.previous) if self.state.previous else None,
+            applied_version=self.state.applied_version,
+            stage=stage,
+            reason=reason,
+            attempt=attempt,
+            updated_at=time.time(),
+            agent_version=self.agent_version,
+        )
+        self.last_report = state
+        await self._report_cb(state)
+        return state

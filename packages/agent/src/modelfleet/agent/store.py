@@ -1,0 +1,364 @@
+"""The on-device model store: resumable download, verification, atomic install, rollback copy.
+
+Layout under the store root:
+
+    partial/<sha256>.part    bytes downloaded so far (kept across restarts: Range resume)
+    versions/<sha256>/       an installed version: the model file, or the unpacked folder
+    versions/.tmp-*          an install in progress (removed at start-up)
+
+A version exists under `versions/` only after its bytes matched the declared
+size and sha256 (and, with trusted keys configured, its signature verified),
+and after an fsync'd rename: a power cut leaves either nothing or all of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ArtifactError, ConfigError, Superseded
+from .modelref import ModelVersionRef
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+log = logging.getLogger("modelfleet.agent.store")
+
+_CHUNK = 256 * 1024
+
+
+@dataclass
+class DownloadStats:
+    """What the last download did; `resumed_from` > 0 means earlier bytes were kept."""
+
+    sha256: str = ""
+    resumed_from: int = 0
+    received: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrustedKeys:
+    """Ed25519 public keys a signed version must verify against, by key id.
+
+    A key id is the first 16 hex digits of the sha256 of the raw public key, as
+    `modelfleet model register --sign-key` writes it into `ModelVersionRef.key_id`.
+    """
+
+    keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, paths: list[Path]) -> TrustedKeys:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import (
+            Encoding,
+            PublicFormat,
+            load_pem_public_key,
+        )
+
+        keys: dict[str, Ed25519PublicKey] = {}
+        for path in paths:
+            try:
+                key = load_pem_public_key(Path(path).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError("store.trusted_keys", f"cannot read public key {path}: {exc}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError("store.trusted_keys", f"{path} is not an Ed25519 public key")
+            raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+            keys[hashlib.sha256(raw).hexdigest()[:16]] = key
+        return cls(keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def check(self, ref: ModelVersionRef) -> None:
+        """Raise ArtifactError(stage="verify") unless `ref.signature` verifies over its digest."""
+        from cryptography.exceptions import InvalidSignature
+
+        if not ref.signature:
+            raise ArtifactError("verify", f"{ref.key} is unsigned and this device only accepts signed versions")
+        try:
+            signature = base64.b64decode(ref.signature, validate=True)
+        except ValueError:
+            raise ArtifactError("verify", f"{ref.key}: signature is not valid base64") from None
+        digest = bytes.fromhex(ref.sha256)
+        if ref.key_id is not None and ref.key_id in self.keys:
+            candidates = [self.keys[ref.key_id]]
+        else:
+            candidates = list(self.keys.values())
+        for key in candidates:
+            try:
+                key.verify(signature, digest)
+                return
+            except InvalidSignature:
+                continue
+        raise ArtifactError(
+            "verify", f"{ref.key}: signature (key id {ref.key_id or 'none'}) does not verify with any trusted key"
+        )
+
+
+class ModelStore:
+    """Downloads, verifies and installs model versions under `root`."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        reserve_bytes: int = 0,
+        trusted_keys: TrustedKeys | None = None,
+        token: str | None = None,
+        rate_limit_bps: int = 0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.root = Path(root)
+        self.reserve_bytes = reserve_bytes
+        self.trusted_keys = trusted_keys or TrustedKeys()
+        self.token = token
+        self.rate_limit_bps = rate_limit_bps
+        self.timeout_s = timeout_s
+        self.partial_dir = self.root / "partial"
+        self.versions_dir = self.root / "versions"
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.last_download = DownloadStats()
+        for leftover in self.versions_dir.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # --- queries ------------------------------------------------------------------
+    def version_dir(self, ref: ModelVersionRef) -> Path:
+        return self.versions_dir / ref.sha256
+
+    def is_installed(self, ref: ModelVersionRef) -> bool:
+        return self.version_dir(ref).is_dir()
+
+    def model_dir(self, ref: ModelVersionRef) -> Path:
+        """What the scoring host loads: the folder holding the file, or the unpacked archive."""
+        return self.version_dir(ref)
+
+    def installed(self) -> list[str]:
+        return sorted(p.name for p in self.versions_dir.iterdir() if not p.name.startswith("."))
+
+    def partial_size(self, ref: ModelVersionRef) -> int:
+        part = self._part(ref)
+        return part.stat().st_size if part.exists() else 0
+
+    # --- the pipeline -------------------------------------------------------------
+    def fetch(self, ref: ModelVersionRef, cancel: threading.Event | None = None) -> Path:
+        """Make `ref` installed (download, verify, install); its model folder. Idempotent."""
+        if self.trusted_keys:
+            # the signature covers the digest, so a bad one is refused before any byte is fetched
+            self.trusted_keys.check(ref)
+        if self.is_installed(ref):
+            return self.model_dir(ref)
+        part = self._download(ref, cancel)
+        self._verify(ref, part)
+        return self._install(ref, part)
+
+    def prune(self, keep: set[str]) -> None:
+        """Delete installed versions and partial downloads whose sha256 is not in `keep`."""
+        for path in self.versions_dir.iterdir():
+            if not path.name.startswith(".") and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("event=version_pruned sha256=%s", path.name)
+        for part in self.partial_dir.glob("*.part"):
+            if part.stem not in keep:
+                part.unlink(missing_ok=True)
+
+    # --- download -----------------------------------------------------------------
+    def _part(self, ref: ModelVersionRef) -> Path:
+        return self.partial_dir / f"{ref.sha256}.part"
+
+    def _check_disk(self, ref: ModelVersionRef, have: int) -> None:
+        # an archive is unpacked beside itself, so it needs its size twice
+        need = (ref.size - have) + (ref.size if ref.format == "tar" else 0)
+        free = shutil.disk_usage(self.root).free
+        if free - need < self.reserve_bytes:
+            raise ArtifactError(
+                "download",
+                f"not enough disk space for {ref.key}: needs {need} bytes and a reserve of "
+                f"{self.reserve_bytes} bytes must stay free, but only {free} bytes are free",
+            )
+
+    def _download(self, ref: ModelVersionRef, cancel: threading.Event | None) -> Path:
+        import urllib.error
+        import urllib.request
+
+        part = self._part(ref)
+        have = part.stat().st_size if part.exists() else 0
+        if have > ref.size:
+            part.unlink()
+            have = 0
+        self._check_disk(ref, have)
+        stats = DownloadStats(sha256=ref.sha256, resumed_from=have)
+        started = time.monotonic()
+        if have == ref.size:
+            self.last_download = stats
+            return part
+        headers = {"User-Agent": "modelfleet-agent"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        request = urllib.request.Request(ref.url, headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:
+                # the server has fewer bytes than we kept: start again from zero
+                part.unlink(missing_ok=True)
+                raise ArtifactError("download", f"{ref.url}: range not satisfiable, restarting", transient=True) from None
+            raise ArtifactError(
+                "download", f"{ref.url}: HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code == 429
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ArtifactError("download", f"{ref.url}: {reason}", transient=True) from None
+        with response:
+            if have and response.status == 200:
+                have = 0  # the server ignored Range: take the whole body again
+                stats.resumed_from = 0
+            elif have and response.status == 206:
+                content_range = response.headers.get("Content-Range", "")
+                if not content_range.startswith(f"bytes {have}-"):
+                    part.unlink(missing_ok=True)
+                    raise ArtifactError(
+                        "download", f"{ref.url}: unexpected Content-Range {content_range!r}", transient=True
+                    )
+            stats.received = self._stream(ref, response, part, have, cancel)
+        stats.seconds = time.monotonic() - started
+        self.last_download = stats
+        log.info(
+            "event=download_done model=%s sha256=%s resumed_from=%d received=%d seconds=%.3f",
+            ref.key, ref.sha256[:12], stats.resumed_from, stats.received, stats.seconds,
+        )
+        return part
+
+    def _stream(self, ref: ModelVersionRef, response: Any, part: Path, have: int, cancel: threading.Event | None) -> int:
+        received = 0
+        started = time.monotonic()
+        with open(part, "r+b" if have else "wb") as out:
+            out.seek(have)
+            out.truncate()
+            try:
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        raise Superseded(f"download of {ref.key} abandoned for a newer desired state")
+                    chunk = response.read(_CHUNK)
+                    if not chunk:
+                        break
+                    if have + received + len(chunk) > ref.size:
+                        out.truncate(0)
+                        raise ArtifactError(
+                            "verify", f"{ref.key}: the server sent more than the declared size of {ref.size} bytes"
+                        )
+                    out.write(chunk)
+                    received += len(chunk)
+                    if self.rate_limit_bps:
+                        # a bandwidth cap for metered links: sleep until we are back under it
+                        ahead = received / self.rate_limit_bps - (time.monotonic() - started)
+                        if ahead > 0:
+                            out.flush()
+                            time.sleep(ahead)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                raise ArtifactError("download", f"{ref.url}: connection lost ({exc})", transient=True) from None
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
+        if have + received < ref.size:
+            raise ArtifactError(
+                "download", f"{ref.url}: connection closed at {have + received} of {ref.size} bytes", transient=True
+            )
+        return received
+
+    # --- verify and install -------------------------------------------------------
+    def _verify(self, ref: ModelVersionRef, part: Path) -> None:
+        size = part.stat().st_size
+        if size != ref.size:
+            part.unlink(missing_ok=True)
+            raise ArtifactError("verify", f"{ref.key}: size mismatch: expected {ref.size} bytes, got {size}")
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1024 * 1024):
+                digest.update(chunk)
+        actual = digest.hexdigest()
+        if actual != ref.sha256:
+            # corrupt bytes must not be resumed from either
+            part.unlink(missing_ok=True)
+            raise ArtifactError("verify", f"{ref.key}: sha256 mismatch: expected {ref.sha256}, got {actual}")
+
+    def _install(self, ref: ModelVersionRef, part: Path) -> Path:
+        final = self.version_dir(ref)
+        tmp = self.versions_dir / f".tmp-{ref.sha256[:16]}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            if ref.format == "tar":
+                safe_extract(part, tmp)
+                part.unlink()
+            else:
+                os.replace(part, tmp / ref.filename)
+            _fsync_tree(tmp)
+            if final.exists():  # installed meanwhile (a restart raced us): keep the existing copy
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.versions_dir)
+        except ArtifactError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError("install", f"{ref.key}: {exc}") from None
+        log.info("event=version_installed model=%s sha256=%s", ref.key, ref.sha256[:12])
+        return final
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Unpack a tar into `target`, refusing any member that could land outside it.
+
+    Python's "data" filter rejects absolute paths, `..` escapes, links pointing
+    outside, device and fifo members, and drops set-uid bits; the first refused
+    member aborts the whole install.
+    """
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            for member in tar.getmembers():
+                try:
+                    tarfile.data_filter(member, str(target))
+                except tarfile.FilterError as exc:
+                    raise ArtifactError("install", f"unsafe archive member {member.name!r}: {exc}") from None
+            tar.extractall(target, filter="data")
+    except tarfile.TarError as exc:
+        raise ArtifactError("install", f"not a valid tar archive: {exc}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))

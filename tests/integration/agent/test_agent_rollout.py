@@ -1,0 +1,206 @@
+"""The agent end to end: real mosquitto, the real artifact server, real ONNX models, agent subprocesses."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from agent_harness import Controller, RegistryHandle, wait_until  # type: ignore[import-not-found]
+
+from modelfleet.deployer.samples import digits_rows
+
+pytestmark = pytest.mark.mqtt
+ROWS = digits_rows(2)
+
+
+def score(port: int) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS}, timeout=10)
+
+
+def serving_version(port: int) -> str:
+    r = score(port)
+    assert r.status_code == 200, r.text
+    return str(r.headers["x-model-version"])
+
+
+def test_v1_applied_then_v2_hot_swapped_under_traffic_with_no_failed_request(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-1", mosquitto.port)
+    wait_until(lambda: controller.presence.get("dev-1"), 30, "birth message")
+    assert controller.presence["dev-1"][-1].online
+
+    d1 = controller.desire("dev-1", v1)
+    report = controller.wait_reported("dev-1", d1, "applied")
+    assert report.active is not None and (report.active.name, report.active.version) == ("digits", 1)
+    port = agent.scoring_port
+    assert serving_version(port) == "1"
+
+    failures: list[str] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS})
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        versions.add(r.headers["x-model-version"])
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: "1" in versions, 10, "traffic on v1")
+        d2 = controller.desire("dev-1", v2)
+        report = controller.wait_reported("dev-1", d2, "applied")
+        wait_until(lambda: "2" in versions, 10, "traffic on v2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert report.active is not None and report.active.version == 2
+    assert report.previous is not None and report.previous.version == 1
+    assert report.applied_version == d2
+
+    # the swap shows up in telemetry
+    def swap_seen() -> bool:
+        return any(
+            s.get("to") == "digits:2" and s.get("ok")
+            for rec in controller.telemetry_records("dev-1") for s in rec["swaps"]
+        )
+
+    wait_until(swap_seen, 15, "swap event in telemetry")
+    assert agent.terminate() == 0
+    assert "event=agent_stopped" in agent.log_text()
+    last = controller.presence["dev-1"][-1]
+    assert last.online is False and last.clean is True
+
+
+def test_corrupt_artifact_is_rejected_and_v1_keeps_serving(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-2", mosquitto.port)
+    controller.wait_reported("dev-2", controller.desire("dev-2", v1), "applied")
+    port = agent.scoring_port
+
+    # the ref promises other bytes than the server holds: the download must not verify
+    lying = dataclasses.replace(v2, sha256="0" * 64)
+    d2 = controller.desire("dev-2", lying)
+    report = controller.wait_reported("dev-2", d2, "failed")
+    assert report.stage == "verify"
+    assert report.reason is not None and "sha256 mismatch" in report.reason
+    assert report.active is not None and report.active.version == 1
+    assert serving_version(port) == "1"
+    # nothing of the bad version stays on disk
+    assert not (agent.store_dir / "models" / "versions" / ("0" * 64)).exists()
+    assert not list((agent.store_dir / "models" / "partial").glob("*.part"))
+
+    # final, not retried: no flapping between applying and failed
+    reports_now = len(controller.reported["dev-2"])
+    d3 = controller.desire("dev-2", v2)
+    controller.wait_reported("dev-2", d3, "applied")
+    between = [r for r in controller.reported["dev-2"][reports_now:] if r.version == d2]
+    assert between == []
+    assert serving_version(port) == "2"
+
+
+def test_model_failing_warmup_is_rejected_and_v1_keeps_serving(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, tmp_path: Path,
+) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "score.py").write_text(
+        "from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType\n"
+        "from inference_schema.schema_decorators import input_schema\n\n"
+        "def init():\n    pass\n\n"
+        "@input_schema('data', StandardPythonParameterType([1, 2, 3]))\n"
+        "def run(data):\n    raise ValueError('this model is broken')\n"
+    )
+    v1 = artifact_registry.register("digits", digits_onnx)
+    bad = dataclasses.replace(artifact_registry.register("digits", broken), entry_script="score.py")
+    assert bad.format == "tar"
+    agent = agents("dev-3", mosquitto.port)
+    controller.wait_reported("dev-3", controller.desire("dev-3", v1), "applied")
+    port = agent.scoring_port
+
+    d2 = controller.desire("dev-3", bad)
+    report = controller.wait_reported("dev-3", d2, "failed")
+    assert report.stage == "warmup"
+    assert report.reason is not None and "this model is broken" in report.reason
+    assert report.active is not None and report.active.version == 1
+    assert serving_version(port) == "1"
+
+
+def test_bad_desired_state_is_reported_and_changes_nothing(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    agent = agents("dev-4", mosquitto.port)
+    controller.wait_reported("dev-4", controller.desire("dev-4", v1), "applied")
+    controller.publish_raw("modelfleet/v1/dev-4/desired", b'{"$version": 9, "model": {"name": "x"}}', retain=True)
+    report = controller.wait_reported("dev-4", None, "failed")
+    assert report.stage == "desired" and "missing field 'version'" in (report.reason or "")
+    assert serving_version(agent.scoring_port) == "1"
+
+
+def test_commands_get_state_rollback_restart_and_unknown(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-5", mosquitto.port)
+    wait_until(lambda: controller.presence.get("dev-5"), 30, "birth message")
+
+    nothing = controller.command("dev-5", "rollback")
+    assert not nothing.ok and "no previous version" in (nothing.error or "")
+
+    controller.wait_reported("dev-5", controller.desire("dev-5", v1), "applied")
+    d2 = controller.desire("dev-5", v2)
+    controller.wait_reported("dev-5", d2, "applied")
+    port = agent.scoring_port
+
+    state = controller.command("dev-5", "get-state")
+    assert state.ok and state.result is not None
+    assert state.result["active"]["version"] == 2 and state.result["$version"] == d2
+    assert sorted(state.result["store"]) == sorted([v1.sha256, v2.sha256])
+
+    back = controller.command("dev-5", "rollback")
+    assert back.ok and back.result is not None
+    assert back.result["active"]["version"] == 1 and back.result["stage"] == "rollback"
+    assert serving_version(port) == "1"
+    report = controller.wait_reported("dev-5", d2, "failed")
+    assert "rolled back from digits:2 to digits:1" in (report.reason or "")
+
+    restarted = controller.command("dev-5", "restart-model")
+    assert restarted.ok
+    assert serving_version(port) == "1"
+
+    unknown = controller.command("dev-5", "reboot")
+    assert not unknown.ok and "unknown command 'reboot'" in (unknown.error or "")
+
+    # a restart keeps the rollback: the agent does not re-apply the rolled-back $version
+    assert agent.terminate() == 0
+    agent.start()
+    port = agent.scoring_port
+    controller.wait_reported("dev-5", d2, "failed")
+    assert serving_version(port) == "1"
