@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from modelfleet.deployer.cli import docker, keys, model, registry, service
+from modelfleet.deployer.cli import docker, fleet, keys, model, registry, service
 from modelfleet.deployer.cli.deploy import deploy
 from modelfleet.deployer.cli.quickstart import quickstart
 from modelfleet.deployer.errors import DeployerError
@@ -66,6 +66,7 @@ app.add_typer(registry.app, name="registry")
 app.add_typer(service.app, name="service")
 app.add_typer(keys.app, name="keys")
 app.add_typer(docker.app, name="docker")
+app.add_typer(fleet.app, name="fleet")
 app.command("deploy")(deploy)
 app.command("quickstart")(quickstart)
 

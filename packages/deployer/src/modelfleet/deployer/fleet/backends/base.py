@@ -115,9 +115,6 @@ class FleetBackend(Protocol):
     def set_desired(self, assignments: Mapping[str, ModelVersionRef | None]) -> dict[str, int]:
         """Publish desired states (None clears one); returns the `$version` issued per device."""
 
-    def set_tags(self, device_id: str, tags: Mapping[str, str | None]) -> DeviceInfo:
-        """Set (or, with None, remove) central tags of a device."""
-
     def telemetry(self, device_ids: Iterable[str], since: float) -> TelemetrySummary:
         """Health of the devices' scoring since `since` (epoch seconds)."""
 

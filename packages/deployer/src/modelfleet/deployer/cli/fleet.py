@@ -1,0 +1,369 @@
+"""`modelfleet fleet ...`: devices, tags, target queries and staged rollouts (thin over `deployer.fleet`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+
+from modelfleet.deployer.cli._common import (
+    OutputFormat,
+    OutputOption,
+    emit_fields,
+    emit_json,
+    emit_table,
+    parse_pairs,
+)
+from modelfleet.deployer.fleet import operations as ops
+from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
+from modelfleet.deployer.fleet.rollout import (
+    RolloutEngine,
+    RolloutSpec,
+    parse_duration,
+    parse_ratio,
+    parse_stages,
+)
+from modelfleet.deployer.fleet.store import FleetStore, Rollout
+
+app = typer.Typer(help="Devices and staged, health-gated model rollouts.", no_args_is_help=True)
+device_app = typer.Typer(help="One device: show it, or point it at a model version.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Staged rollouts with failure budgets, soak gates and rollback.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+app.add_typer(rollout_app, name="rollout")
+
+BrokerOption = typer.Option(
+    None, "--broker", help="fleet broker URL, mqtt://host:port (default $MODELFLEET_MQTT_URL or mqtt://127.0.0.1:1883)"
+)
+
+
+@contextmanager
+def _backend(broker: str | None, rollout: Rollout | None = None) -> Iterator[FleetBackend]:
+    backend = ops.open_backend(ops.broker_url(broker, rollout))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    delta = max(0.0, time.time() - ts)
+    if delta < 120:
+        return f"{delta:.0f}s ago"
+    if delta < 7200:
+        return f"{delta / 60:.0f}m ago"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _device_row(d: DeviceInfo) -> dict[str, Any]:
+    return {
+        "device": d.device_id,
+        "online": "online" if d.online else "offline",
+        "last_seen": _ago(d.last_seen),
+        "model": d.active,
+        "status": d.status,
+        "desired": d.desired.key if d.desired else None,
+        "tags": dict(d.tags),
+        "error": f"{d.stage}: {d.reason}" if d.status == "failed" else None,
+    }
+
+
+# ---------------------------------------------------------------- devices
+
+
+@app.command()
+def devices(
+    where: str = typer.Option(None, "--where", "-w", help="target condition, e.g. \"tags.site = 'plant-1'\""),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Every known device: tags, online/offline, last seen, model and status, last error."""
+    with _backend(broker) as backend:
+        found = ops.list_devices(FleetStore(), backend, where)
+    if output is OutputFormat.json:
+        emit_json([d.to_dict() for d in found])
+    else:
+        emit_table([_device_row(d) for d in found], ["device", "online", "last_seen", "model", "status", "desired", "tags", "error"])
+
+
+@app.command()
+def tag(
+    device_id: str = typer.Argument(..., metavar="DEVICE"),
+    pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...", help="KEY= (empty) removes a tag"),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Set central tags on a device (they win over the tags the device declares)."""
+    tags = parse_pairs(pairs, "tag")
+    with _backend(broker) as backend:
+        info = ops.tag_device(FleetStore(), backend, device_id, tags)
+    if output is OutputFormat.json:
+        emit_json(info.to_dict())
+    else:
+        typer.echo(f"{device_id}: " + (", ".join(f"{k}={v}" for k, v in info.tags.items()) or "(no tags)"))
+
+
+@device_app.command("show")
+def device_show(
+    device_id: str = typer.Argument(..., metavar="DEVICE"),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Everything known about one device."""
+    with _backend(broker) as backend:
+        info = ops.get_device(FleetStore(), backend, device_id)
+    if output is OutputFormat.json:
+        emit_json({**info.to_dict(), "document": info.document()})
+    else:
+        emit_fields(_device_row(info) | {"desired_version": info.desired_version, "reported_version": info.report_version})
+
+
+@device_app.command("set")
+def device_set(
+    device_id: str = typer.Argument(..., metavar="DEVICE"),
+    model: str = typer.Option(..., "--model", "-m", help="NAME:VERSION from the registry"),
+    artifact_url: str = typer.Option(None, "--artifact-url", help="artifact server base URL devices download from (default $MODELFLEET_ARTIFACT_URL or http://127.0.0.1:8470)"),
+    wait: str = typer.Option("30s", "--wait", help="how long to wait for the device's report (0: do not wait)"),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Point one device at a model version (for debugging; rollouts are the normal way)."""
+    wait_s = parse_duration(wait, "--wait")
+    ref = ops.resolve_model(model, artifact_url)
+    with _backend(broker) as backend:
+        info = ops.set_device_model(FleetStore(), backend, device_id, ref, wait_s=wait_s)
+    if output is OutputFormat.json:
+        emit_json(info.to_dict())
+    else:
+        state = "applied" if info.active == ref.key else f"{info.status or 'no report yet'}"
+        typer.echo(f"{device_id}: desired {ref.key}; {state}")
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
+    if output is OutputFormat.json:
+        emit_json(view)
+        return
+    emit_fields(
+        {
+            "rollout": view["name"],
+            "model": view["model"],
+            "target": view["target"],
+            "state": view["state"],
+            "stage": f"{view['stage']} of {len(view['stages'])} ({view['phase']})",
+            "reason": view["reason"],
+        }
+    )
+    typer.echo("")
+    emit_table(
+        [
+            {"stage": s["stage"], "percent": f"{s['percent']}%", "devices": s["devices"], "states": s["states"], **_timing(view, s["stage"])}
+            for s in view["stages"]
+        ],
+        ["stage", "percent", "devices", "states", "result", "seconds"],
+    )
+    notable = [d for d in view["devices"] if d["state"] in ("failed", "timeout", "rolled_back")]
+    if notable:
+        typer.echo("")
+        emit_table(notable[:20], ["device_id", "stage", "state", "previous", "reason"])
+        if len(notable) > 20:
+            typer.echo(f"... and {len(notable) - 20} more (see --output json)")
+
+
+def _timing(view: dict[str, Any], stage: int) -> dict[str, Any]:
+    for entry in view["stage_log"]:
+        if entry["stage"] == stage:
+            return {"result": entry["result"], "seconds": entry["seconds"]}
+    return {}
+
+
+def _progress_printer(output: OutputFormat) -> Any:
+    last: dict[str, Any] = {}
+
+    def show(r: Rollout) -> None:
+        key = (r.state, r.stage, r.phase, len(r.stage_log))
+        if output is OutputFormat.table and last.get("key") != key:
+            last["key"] = key
+            if r.stage_log and (not last.get("logged") or last["logged"] < len(r.stage_log)):
+                entry = r.stage_log[-1]
+                typer.echo(f"-> stage {entry['stage']} ({entry['percent']}%): {entry['result']} in {entry['seconds']}s", err=True)
+                last["logged"] = len(r.stage_log)
+            if r.state == "running":
+                typer.echo(f"-> stage {r.stage + 1} of {len(r.stages)}: {r.phase}", err=True)
+
+    return show
+
+
+def _drive_or_detach(store: FleetStore, backend: FleetBackend, name: str, wait: bool, broker: str, output: OutputFormat) -> None:
+    if wait:
+        final = ops.drive(store, backend, name, on_step=_progress_printer(output))
+        _render_status(RolloutEngine(store, backend).status(name), output)
+        if final.state in ("failed", "aborted"):
+            raise typer.Exit(3)
+    else:
+        pid = ops.start_detached(name, broker)
+        if output is OutputFormat.json:
+            emit_json({**RolloutEngine(store, backend).status(name), "controller_pid": pid})
+        else:
+            typer.echo(f"rollout {name!r} running in the background (pid {pid}); follow it with `modelfleet fleet rollout status {name}`")
+
+
+@rollout_app.command("create")
+def rollout_create(
+    name: str = typer.Argument(..., metavar="NAME"),
+    model: str = typer.Option(..., "--model", "-m", help="NAME:VERSION from the registry"),
+    target: str = typer.Option(..., "--target", "-t", help="target condition, e.g. \"tags.site = 'plant-1'\", or '*'"),
+    stages: str = typer.Option("100", "--stages", help="cumulative percentages, e.g. 1,10,50,100"),
+    max_failure: str = typer.Option("0%", "--max-failure", help="failed share of a stage's devices tolerated"),
+    soak: str = typer.Option("0s", "--soak", help="how long each stage's telemetry must stay healthy"),
+    timeout: str = typer.Option("10m", "--timeout", help="per stage: time for devices to report before they count as failed"),
+    max_error_rate: str = typer.Option("5%", "--max-error-rate", help="soak gate: share of failed scoring requests"),
+    max_p99_ms: float = typer.Option(None, "--max-p99-ms", help="soak gate: p99 scoring latency limit"),
+    artifact_url: str = typer.Option(None, "--artifact-url", help="artifact server base URL devices download from (default $MODELFLEET_ARTIFACT_URL or http://127.0.0.1:8470)"),
+    wait: bool = typer.Option(False, "--wait", help="drive the rollout in this process until it ends"),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Roll a model version out to the devices matching --target, stage by stage."""
+    spec_stages = parse_stages(stages)
+    spec_failure = parse_ratio(max_failure, "--max-failure")
+    soak_s = parse_duration(soak, "--soak")
+    timeout_s = parse_duration(timeout, "--timeout")
+    error_rate = parse_ratio(max_error_rate, "--max-error-rate")
+    ref = ops.resolve_model(model, artifact_url)
+    url = ops.broker_url(broker)
+    store = FleetStore()
+    with _backend(url) as backend:
+        spec = RolloutSpec(
+            name=name,
+            model=ref,
+            target=target,
+            stages=tuple(spec_stages),
+            max_failure=spec_failure,
+            soak_s=soak_s,
+            timeout_s=timeout_s,
+            max_error_rate=error_rate,
+            max_p99_ms=max_p99_ms,
+            backend=ops.backend_record(url),
+        )
+        r = ops.create_rollout(store, backend, spec)
+        if output is OutputFormat.table:
+            typer.echo(f"-> rollout {name!r}: {ref.key} to {sum(1 for _ in store.devices(name))} devices in stages {r.stages}", err=True)
+        _drive_or_detach(store, backend, name, wait, url, output)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    name: str = typer.Argument(..., metavar="NAME"),
+    watch: bool = typer.Option(False, "--watch", help="refresh until the rollout stops"),
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Progress per stage, the reason of a halt, devices that failed or were rolled back."""
+    store = FleetStore()
+    engine = RolloutEngine(store, _NoBackend())
+    view = engine.status(name)
+    if watch:
+        shown: Any = None
+        while view["state"] == "running":
+            now = (view["stage"], view["phase"], [s["states"] for s in view["stages"]])
+            if now != shown and output is OutputFormat.table:
+                typer.echo(f"stage {view['stage']} ({view['phase']}): " + "; ".join(f"{s['stage']}: {s['states']}" for s in view["stages"]))
+                shown = now
+            time.sleep(0.5)
+            view = engine.status(name)
+    _render_status(view, output)
+
+
+@rollout_app.command("list")
+def rollout_list(output: OutputFormat = OutputOption) -> None:
+    """Every rollout, newest last."""
+    store = FleetStore()
+    rows = []
+    for r in store.all():
+        counts = store.counts(r.name)
+        total = sum(sum(c.values()) for c in counts.values())
+        applied = sum(c.get("applied", 0) for c in counts.values())
+        rows.append(
+            {
+                "name": r.name,
+                "model": r.model.key,
+                "state": r.state,
+                "stage": f"{r.stage + 1}/{len(r.stages)}",
+                "devices": total,
+                "applied": applied,
+                "target": r.target,
+                "reason": r.reason,
+            }
+        )
+    if output is OutputFormat.json:
+        emit_json(rows)
+    else:
+        emit_table(rows, ["name", "model", "state", "stage", "devices", "applied", "target", "reason"])
+
+
+@rollout_app.command("pause")
+def rollout_pause(name: str = typer.Argument(..., metavar="NAME"), output: OutputFormat = OutputOption) -> None:
+    """Stop moving devices; what is in flight finishes. `resume` continues."""
+    r = RolloutEngine(FleetStore(), _NoBackend()).pause(name)
+    _done(r, output)
+
+
+@rollout_app.command("resume")
+def rollout_resume(
+    name: str = typer.Argument(..., metavar="NAME"),
+    wait: bool = typer.Option(False, "--wait", help="drive the rollout in this process until it ends"),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Continue a paused rollout, or one whose controlling process died."""
+    store = FleetStore()
+    r = store.get(name)
+    url = ops.broker_url(broker, r)
+    RolloutEngine(store, _NoBackend()).resume(name)
+    with _backend(url) as backend:
+        _drive_or_detach(store, backend, name, wait, url, output)
+
+
+@rollout_app.command("abort")
+def rollout_abort(name: str = typer.Argument(..., metavar="NAME"), output: OutputFormat = OutputOption) -> None:
+    """Stop for good; devices keep the version they have (use `rollback` to undo)."""
+    _done(RolloutEngine(FleetStore(), _NoBackend()).abort(name), output)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(
+    name: str = typer.Argument(..., metavar="NAME"),
+    broker: str = BrokerOption,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Put every device the rollout touched back on its previous version."""
+    store = FleetStore()
+    with _backend(broker, store.get(name)) as backend:
+        r = RolloutEngine(store, backend).rollback(name)
+    _done(r, output)
+
+
+def _done(r: Rollout, output: OutputFormat) -> None:
+    if output is OutputFormat.json:
+        emit_json({"name": r.name, "state": r.state, "reason": r.reason})
+    else:
+        typer.echo(f"rollout {r.name!r}: {r.state}" + (f" ({r.reason})" if r.reason else ""))
+
+
+class _NoBackend:
+    """For commands that only touch persisted state: any device access is a bug."""
+
+    def _nope(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this command does not reach devices")
+
+    devices = device = set_desired = telemetry = wait = _nope
+
+    def close(self) -> None:
+        pass

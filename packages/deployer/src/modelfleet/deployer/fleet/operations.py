@@ -1,0 +1,156 @@
+"""Fleet operations as library calls: what each `modelfleet fleet ...` command does.
+
+The CLI parses and renders; everything else (opening the backend, merging
+central tags, resolving a model through the registry, starting a detached
+controller) happens here, so scripts can do the same without the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
+from modelfleet.deployer.fleet.query import parse_query
+from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec, merged_devices
+from modelfleet.deployer.fleet.store import (
+    ACTIVE_STATES,
+    FleetError,
+    FleetStore,
+    Rollout,
+    RolloutConflictError,
+)
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_ARTIFACT_URL = "http://127.0.0.1:8470"
+
+
+def broker_url(explicit: str | None = None, rollout: Rollout | None = None) -> str:
+    """--broker, else $MODELFLEET_MQTT_URL, else the rollout's own, else the local default."""
+    if explicit:
+        return explicit
+    if os.environ.get("MODELFLEET_MQTT_URL"):
+        return os.environ["MODELFLEET_MQTT_URL"]
+    if rollout is not None and rollout.backend.get("url"):
+        return str(rollout.backend["url"])
+    return DEFAULT_BROKER
+
+
+def open_backend(url: str) -> FleetBackend:
+    """Connect to the fleet backend named by `url` (mqtt:// or mqtts://)."""
+    from modelfleet.deployer.fleet.backends.mqtt import MqttFleetBackend, MqttFleetSettings
+
+    return MqttFleetBackend(MqttFleetSettings.from_url(url)).connect()
+
+
+def backend_record(url: str) -> dict[str, Any]:
+    """What a rollout remembers about its backend (never credentials)."""
+    from modelfleet.deployer.fleet.backends.mqtt import MqttFleetSettings
+
+    return {"kind": "mqtt", "url": MqttFleetSettings.from_url(url).url}
+
+
+# ---------------------------------------------------------------- devices
+
+
+def list_devices(store: FleetStore, backend: FleetBackend, where: str | None = None) -> list[DeviceInfo]:
+    devices = merged_devices(store, backend)
+    if where:
+        query = parse_query(where)
+        devices = [d for d in devices if query.matches(d.document())]
+    return devices
+
+
+def get_device(store: FleetStore, backend: FleetBackend, device_id: str) -> DeviceInfo:
+    info = backend.device(device_id)
+    if info is None:
+        raise FleetError(
+            f"no device {device_id!r} has been seen on the fleet backend",
+            hint="devices are known once they connected; see `modelfleet fleet devices`",
+        )
+    central = store.tags().get(device_id)
+    return replace(info, tags={**info.tags, **central}) if central else info
+
+
+def tag_device(store: FleetStore, backend: FleetBackend, device_id: str, tags: Mapping[str, str]) -> DeviceInfo:
+    """Set central tags (an empty value removes the tag); they win over the device's own."""
+    get_device(store, backend, device_id)
+    if not tags:
+        raise FleetError("no tags given", hint="write e.g. `modelfleet fleet tag DEVICE site=plant-1 hw=rpi4`")
+    store.set_tags(device_id, {k: (v if v != "" else None) for k, v in tags.items()})
+    return get_device(store, backend, device_id)
+
+
+def set_device_model(
+    store: FleetStore,
+    backend: FleetBackend,
+    device_id: str,
+    ref: ModelVersionRef,
+    *,
+    wait_s: float = 0.0,
+) -> DeviceInfo:
+    """Point one device at a model version (debugging); refused while a rollout holds the device."""
+    get_device(store, backend, device_id)
+    for r in store.all():
+        if r.state in ACTIVE_STATES and any(d.device_id == device_id for d in store.devices(r.name)):
+            raise RolloutConflictError(f"device {device_id!r} is in rollout {r.name!r} ({r.state})")
+    version = backend.set_desired({device_id: ref})[device_id]
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = backend.device(device_id)
+        assert info is not None
+        outcome = info.outcome(version)
+        if outcome == "failed":
+            raise FleetError(f"device {device_id!r} refused {ref.key}: {info.stage}: {info.reason}")
+        if outcome == "applied" or time.monotonic() >= deadline:
+            return get_device(store, backend, device_id)
+        backend.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def resolve_model(model: str, artifact_url: str | None, home: Path | None = None) -> ModelVersionRef:
+    """`NAME:VERSION` (or `NAME` for the latest) from the registry, as a reference devices download."""
+    from modelfleet.deployer.registry.store import Registry, parse_model_id
+
+    name, version = parse_model_id(model)
+    registry = Registry(home)
+    base = artifact_url or os.environ.get("MODELFLEET_ARTIFACT_URL") or DEFAULT_ARTIFACT_URL
+    return registry.model_ref(registry.get_model(name, version), base.rstrip("/"))
+
+
+def create_rollout(store: FleetStore, backend: FleetBackend, spec: RolloutSpec) -> Rollout:
+    return RolloutEngine(store, backend).create(spec)
+
+
+def drive(
+    store: FleetStore,
+    backend: FleetBackend,
+    name: str,
+    on_step: Callable[[Rollout], None] | None = None,
+) -> Rollout:
+    """Run the controller in this process until the rollout finishes, pauses or aborts."""
+    return RolloutEngine(store, backend).drive(name, on_step=on_step)
+
+
+def start_detached(name: str, broker: str) -> int:
+    """Drive a rollout from a background process that outlives this one; its pid."""
+    log_dir = FleetStore().home / "fleet" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelfleet.deployer.fleet", "drive", name, "--broker", broker],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in the shell that started it does not stop it
+        )
+    return proc.pid
