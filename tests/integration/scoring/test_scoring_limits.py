@@ -126,3 +126,20 @@ def test_pipelined_inline_requests_and_malformed_http(start_server, digits_onnx)
     bad = _raw_exchange(server.server.port, b"BLAH\x00 / HTTP/1.1\r\n\r\n", 1)
     assert bad.startswith(b"HTTP/1.1 400")
     assert b"malformed HTTP request" in bad
+
+
+def test_fast_script_moves_inline_and_a_slow_call_moves_it_back(start_server, slow_spec) -> None:  # type: ignore[no-untyped-def]
+    from modelfleet.scoring.host import PROMOTE_AFTER
+
+    server = start_server(slow_spec, inline_threshold_ms=5)
+    model = server.host.active
+    assert model is not None and not model.inline  # a plain run() has no sample to time
+    with server.client() as c:
+        for _ in range(PROMOTE_AFTER):
+            assert c.post("/score", json={"sleep_ms": 0}).status_code == 200
+        assert model.inline
+        assert c.post("/score", json={"sleep_ms": 150}).status_code == 200
+        assert not model.inline and model.pool_only
+        for _ in range(PROMOTE_AFTER):
+            c.post("/score", json={"sleep_ms": 0})
+        assert not model.inline

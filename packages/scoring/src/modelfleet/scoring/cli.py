@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", help="larger bodies get 413 (default 16 MiB)")
     serve.add_argument("--scoring-timeout-ms", help="slower scoring gets 504 (default 60000)")
     serve.add_argument("--max-concurrent-requests", help="requests scored at once in the pool (default: CPUs)")
-    serve.add_argument("--max-queued-requests", help="requests waiting for a slot before 503 (default 4x)")
+    serve.add_argument("--max-queued-requests", help="requests waiting for a slot before 503 (default max(32, 4x concurrency))")
     serve.add_argument("--inline-threshold-ms", help="models faster than this run on the event loop (default 1)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     return parser

@@ -24,6 +24,10 @@ from .runtimes.base import ModelRuntime, Signature
 log = logging.getLogger("modelfleet.scoring.host")
 
 MODEL_SUFFIXES = (".onnx", ".tflite")
+#: fast calls in a row before a pool model moves inline
+PROMOTE_AFTER = 64
+#: an inline call slower than this many times the threshold moves the model to the pool
+DEMOTE_FACTOR = 20
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,12 @@ class LoadedModel:
         # Fast models run inline on the event loop (a thread hop costs 2-3x for a
         # ~10 us model); slow or unmeasured ones go to the thread pool.
         self.inline = warmup_s is not None and warmup_s < inline_threshold_s and not runtime.raw
+        self.inline_threshold_s = inline_threshold_s
+        # A model without a warm-up sample starts in the pool and moves inline once
+        # PROMOTE_AFTER calls in a row ran under the threshold; one slow inline call
+        # sends it back to the pool for good.
+        self.pool_only = False
+        self._fast_streak = 0
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -113,6 +123,27 @@ class LoadedModel:
     @property
     def signature(self) -> Signature:
         return self.runtime.signature()
+
+    def observe_pool_call(self, seconds: float) -> bool:
+        """Record a pool call's run time; True when the model just moved inline."""
+        if self.pool_only or self.inline:
+            return False
+        if seconds >= self.inline_threshold_s:
+            self._fast_streak = 0
+            return False
+        self._fast_streak += 1
+        if self._fast_streak >= PROMOTE_AFTER:
+            self.inline = True
+            return True
+        return False
+
+    def observe_inline_call(self, seconds: float) -> bool:
+        """Record an inline call; True when it was slow enough to move the model to the pool."""
+        if seconds > DEMOTE_FACTOR * self.inline_threshold_s:
+            self.inline = False
+            self.pool_only = True
+            return True
+        return False
 
     def acquire(self) -> None:
         with self._lock:

@@ -93,17 +93,21 @@ async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
-    # listen first: liveness answers while init() runs, readiness once the model is warm
-    await server.start(sock)
     spec = ModelSpec(
         settings.model_dir, settings.entry_script, name=settings.model_name, version=settings.model_version
     )
+    # One process listens first, so liveness answers while init() runs. Workers
+    # sharing a socket load first: a worker accepts connections only once ready.
+    if sock is None:
+        await server.start()
     try:
         await host.aload(spec)
     except ModelLoadError as exc:
         log.error("event=startup_failed stage=%s reason=%r", exc.stage, exc.reason)
         await server.stop()
         return 1
+    if sock is not None:
+        await server.start(sock)
     log.info("event=ready port=%d model=%s version=%s", server.port, spec.name, spec.version)
     await stop.wait()
     await server.stop()

@@ -34,8 +34,6 @@ JSON = "application/json"
 MSGPACK = "application/msgpack"
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 _HEALTH_EXEMPT = {"/", "/v2/health/live", "/v2/health/ready"}
-# an inline call slower than this many times the threshold moves the model to the pool
-_DEMOTE_FACTOR = 20
 
 
 def _json_default(obj: Any) -> Any:
@@ -48,6 +46,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _timed(fn: Any, arg: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn(arg)
+    return result, time.perf_counter() - t0
 
 
 class ScoringServer:
@@ -208,8 +212,7 @@ class ScoringServer:
         finally:
             model.release()
         elapsed = time.perf_counter() - started
-        if elapsed > _DEMOTE_FACTOR * self.host.inline_threshold_s and model.inline:
-            model.inline = False
+        if model.observe_inline_call(elapsed):
             log.warning(
                 "event=model_moved_to_pool name=%s version=%s latency_ms=%.1f",
                 model.name, model.version, elapsed * 1000,
@@ -237,7 +240,7 @@ class ScoringServer:
             self._pending -= 1
             model.release()
             return self._timed_out(req, rid, started)
-        future = loop.run_in_executor(self._pool, model.runtime.predict, inp)
+        future = loop.run_in_executor(self._pool, _timed, model.runtime.predict, inp)
 
         def done(fut: asyncio.Future[Any]) -> None:
             # the slot stays taken until the thread really finishes, even after a 504
@@ -250,11 +253,13 @@ class ScoringServer:
         future.add_done_callback(done)
         remaining = self._timeout - (time.perf_counter() - started)
         try:
-            result = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.0))
+            result, run_s = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.0))
         except TimeoutError:
             return self._timed_out(req, rid, started)
         except Exception as exc:
             return self._score_failed(req, rid, started, exc)
+        if model.observe_pool_call(run_s):
+            log.info("event=model_moved_inline name=%s version=%s", model.name, model.version)
         return self._render_result(req, rid, started, result, model)
 
     def _timed_out(self, req: Request, rid: str, started: float) -> bytes:

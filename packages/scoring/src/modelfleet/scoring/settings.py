@@ -38,7 +38,7 @@ class ServerSettings:
     scoring_timeout_ms: int = 60_000
     #: requests scored at once in the thread pool (slow models); 0 = one per CPU
     max_concurrent_requests: int = 0
-    #: requests allowed to wait for a slot before 503; 0 = 4 x max_concurrent_requests
+    #: requests allowed to wait for a slot before 503; 0 = max(32, 4 x max_concurrent_requests)
     max_queued_requests: int = 0
     #: models whose warm-up median is below this run inline on the event loop
     inline_threshold_ms: float = 1.0
@@ -51,7 +51,7 @@ class ServerSettings:
 
     @property
     def queue_limit(self) -> int:
-        return self.max_queued_requests or 4 * self.concurrency
+        return self.max_queued_requests or max(32, 4 * self.concurrency)
 
     def validated(self) -> ServerSettings:
         """Check ranges and paths; raise ConfigError naming the field."""

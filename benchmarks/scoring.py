@@ -1,0 +1,266 @@
+"""Scoring server speed: req/s and p50/p99 at concurrency 1/8/32 on the digits ONNX model.
+
+    .venv/bin/python benchmarks/scoring.py [--duration 5] [--pin] [--skip-azml]
+
+Prints, from one run on this machine: raw in-process onnxruntime throughput
+(the ceiling), then the modelfleet server in no-code mode and with an Azure ML
+style score.py, then azmlinfsrv serving the same score.py when it is installed
+(looked for in .cache/azmlinfsrv-venv; create it with
+`uv venv .cache/azmlinfsrv-venv --python 3.11 && uv pip install --python
+.cache/azmlinfsrv-venv/bin/python azureml-inference-server-http onnxruntime "numpy<2"`).
+Also start-up time (process start to ready) and RSS after the load.
+Load comes from `wrk` (apt-get install wrk). Other work on the machine skews
+figures: compare rows of the same run only, and run it more than once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+AZML = ROOT / ".cache" / "azmlinfsrv-venv" / "bin" / "azmlinfsrv"
+CONCURRENCY = (1, 8, 32)
+
+SCORE_PY = '''\
+import json
+import os
+
+import numpy as np
+import onnxruntime
+
+session = None
+
+
+def init():
+    global session
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        os.path.join(os.environ["AZUREML_MODEL_DIR"], "model.onnx"), opts,
+        providers=["CPUExecutionProvider"],
+    )
+
+
+def run(raw_data):
+    data = np.array(json.loads(raw_data)["data"], dtype=np.float32)
+    label, probabilities = session.run(None, {"X": data})
+    return {"label": label.tolist(), "probabilities": probabilities.tolist()}
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    # the server and any worker children
+    pids = [pid] + [int(p) for p in _children(pid)]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+def ceiling(model: Path, row: list[float], seconds: float) -> dict[str, float]:
+    """In-process throughput: bare session.run, and decode + run + encode with orjson."""
+    import onnxruntime as ort
+    import orjson
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    x = np.asarray([row], dtype=np.float32)
+    body = orjson.dumps({"data": [row]})
+    out: dict[str, float] = {}
+    for name in ("ort_run", "json_ort_json"):
+        n = 0
+        end = time.perf_counter() + seconds
+        t0 = time.perf_counter()
+        while time.perf_counter() < end:
+            for _ in range(200):
+                if name == "ort_run":
+                    sess.run(None, {"X": x})
+                else:
+                    data = np.asarray(orjson.loads(body)["data"], dtype=np.float32)
+                    label, probs = sess.run(None, {"X": data})
+                    orjson.dumps({"label": label, "probabilities": probs}, option=orjson.OPT_SERIALIZE_NUMPY)
+            n += 200
+        out[name] = n / (time.perf_counter() - t0)
+    return out
+
+
+def start(cmd: list[str], env: dict[str, str], port: int, ready_path: str, pin: str | None) -> tuple[subprocess.Popen[bytes], float]:
+    if pin:
+        cmd = ["taskset", "-c", pin, *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}{ready_path}"
+    deadline = t0 + 60
+    with httpx.Client(timeout=1) as client:
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                if client.get(url).status_code == 200:
+                    return proc, time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.002)
+    proc.kill()
+    raise RuntimeError(f"{cmd} not ready after 60 s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(port: int, lua: Path, connections: int, duration: float, pin: str | None) -> dict[str, float]:
+    threads = 1 if connections == 1 else 2
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s", "--latency",
+           "-s", str(lua), f"http://127.0.0.1:{port}/score"]
+    if pin:
+        cmd = ["taskset", "-c", pin, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        lat[pct] = float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"],
+            "non2xx": float(bad.group(1)) if bad else 0.0, "socket_errors": 1.0 if errors else 0.0}
+
+
+def measure(name: str, cmd: list[str], env: dict[str, str], port: int, ready: str, lua: Path,
+            args: argparse.Namespace, check_body: bytes) -> dict[str, object]:
+    proc, startup = start(cmd, env, port, ready, args.server_cpus)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/score", content=check_body,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200 and "probabilities" in r.json(), r.text
+        rows = {c: wrk(port, lua, c, args.duration, args.load_cpus) for c in CONCURRENCY}
+        rss = rss_mib(proc.pid)
+    finally:
+        stop(proc)
+    return {"name": name, "startup_s": startup, "rss_mib": rss, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--pin", action="store_true", help="server on CPU 0, wrk on CPU 1")
+    parser.add_argument("--skip-azml", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    args.server_cpus = "0" if args.pin else None
+    args.load_cpus = "1" if args.pin else None
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install wrk")
+
+    sys.path.insert(0, str(ROOT / "packages" / "deployer" / "src"))
+    from modelfleet.deployer.samples import digits_rows, make_digits_onnx
+
+    work = Path(tempfile.mkdtemp(prefix="mf-bench-"))
+    model_dir = work / "model"
+    model = make_digits_onnx(model_dir / "model.onnx")
+    (work / "score.py").write_text(SCORE_PY)
+    row = digits_rows(1)[0]
+    body = json.dumps({"data": [row]})
+    lua = work / "post.lua"
+    lua.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+    )
+    print(f"# scoring benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  "
+          f"body={len(body)} B  wrk {args.duration:g}s per level{'  pinned' if args.pin else ''}")
+    ceil = ceiling(model, row, 2.0)
+    print(f"in-process ceiling: onnxruntime run {ceil['ort_run']:,.0f}/s; "
+          f"orjson decode + run + encode {ceil['json_ort_json']:,.0f}/s")
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    results = []
+    py = str(ROOT / ".venv" / "bin" / "python")
+    port = free_port()
+    results.append(measure(
+        "modelfleet no-code", [py, "-m", "modelfleet.scoring", "serve", "--model-dir", str(model_dir),
+                               "--port", str(port), "--log-level", "WARNING"],
+        env, port, "/v2/health/ready", lua, args, body.encode()))
+    port = free_port()
+    results.append(measure(
+        "modelfleet score.py", [py, "-m", "modelfleet.scoring", "serve", "--model-dir", str(model_dir),
+                                "--entry-script", str(work / "score.py"), "--port", str(port),
+                                "--log-level", "WARNING"],
+        env, port, "/v2/health/ready", lua, args, body.encode()))
+    if AZML.exists() and not args.skip_azml:
+        port = free_port()
+        azml_env = {**env, "AZUREML_MODEL_DIR": str(model_dir)}
+        results.append(measure(
+            "azmlinfsrv score.py", [str(AZML), "--entry_script", str(work / "score.py"), "--port", str(port)],
+            azml_env, port, "/", lua, args, body.encode()))
+    else:
+        print(f"(azmlinfsrv not found at {AZML}; skipped)")
+
+    print()
+    header = f"{'server':<22}" + "".join(f"{'c=' + str(c) + ' req/s':>13}" for c in CONCURRENCY)
+    header += f"{'p50 c=1':>10}{'p99 c=1':>10}{'p50 c=32':>10}{'p99 c=32':>10}{'start-up':>10}{'RSS':>9}"
+    print(header)
+    for res in results:
+        rows = res["rows"]
+        assert isinstance(rows, dict)
+        line = f"{res['name']:<22}" + "".join(f"{rows[c]['rps']:>13,.0f}" for c in CONCURRENCY)
+        line += (f"{rows[1]['p50_ms']:>8.3f}ms{rows[1]['p99_ms']:>8.3f}ms"
+                 f"{rows[32]['p50_ms']:>8.2f}ms{rows[32]['p99_ms']:>8.2f}ms"
+                 f"{res['startup_s']:>9.2f}s{res['rss_mib']:>6.0f}MiB")
+        bad = sum(rows[c]["non2xx"] + rows[c]["socket_errors"] for c in CONCURRENCY)
+        if bad:
+            line += f"  (errors: {bad:.0f})"
+        print(line)
+    if len(results) == 3:
+        ours, azml = results[0]["rows"], results[2]["rows"]
+        assert isinstance(ours, dict) and isinstance(azml, dict)
+        ratios = "  ".join(f"c={c}: {ours[c]['rps'] / azml[c]['rps']:.1f}x" for c in CONCURRENCY)
+        print(f"\nno-code vs azmlinfsrv: {ratios}")
+    if args.json:
+        args.json.write_text(json.dumps({"ceiling": ceil, "results": results}, indent=2, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
