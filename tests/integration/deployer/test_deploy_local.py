@@ -1,0 +1,265 @@
+"""`modelfleet deploy --target local` and the service lifecycle, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from typer.testing import Result
+
+from modelfleet.deployer.registry import Registry
+
+Cli = Callable[..., Result]
+
+
+def _deploy(cli: Cli, name: str, *args: str) -> dict[str, object]:
+    out = cli("deploy", name, "-m", "digits:1", "-o", "json", *args)
+    assert out.exit_code == 0, out.output
+    view: dict[str, object] = json.loads(out.stdout)
+    return view
+
+
+def _poll(check: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_deploy_call_with_and_without_key_regen_and_delete(
+    cli: Cli, digits_models: Registry, request_body: str, tmp_path: Path
+) -> None:
+    dc = tmp_path / "deploymentconfig.json"
+    dc.write_text(json.dumps({"computeType": "local", "authEnabled": True,
+                              "containerResourceRequirements": {"cpu": 1, "memoryInGB": 1}}))  # fmt: skip
+    view = _deploy(cli, "digits-svc", "-dc", str(dc))
+    assert view["state"] == "healthy" and view["models"] == ["digits:1"]
+    assert view["target"] == "local" and view["auth_enabled"] is True
+    uri = str(view["scoring_uri"])
+
+    called = cli("service", "call", "digits-svc", "--data", request_body, "-o", "json")
+    assert called.exit_code == 0, called.output
+    answer = json.loads(called.stdout)
+    assert answer["model_version"] == "1" and answer["body"]["label"] == [0, 1]
+
+    refused = cli("service", "call", "digits-svc", "--data", request_body, "--no-auth")
+    assert refused.exit_code == 1
+    assert "error: digits-svc refused the call (401): missing or wrong key" in refused.stderr
+    assert "hint: see the keys with `modelfleet service keys digits-svc`" in refused.stderr
+    assert httpx.post(uri, content=request_body).status_code == 401
+
+    keys = json.loads(cli("service", "keys", "digits-svc", "-o", "json").stdout)
+    swagger = httpx.get(str(view["swagger_uri"]), headers={"Authorization": f"Bearer {keys['primary']}"})
+    assert swagger.status_code == 200 and "paths" in swagger.json()
+    regen = cli("service", "regen-key", "digits-svc", "--key", "primary", "-o", "json")
+    new = json.loads(regen.stdout)
+    assert new["primary"] != keys["primary"] and new["secondary"] == keys["secondary"]
+
+    def status_with(key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        return httpx.post(uri, content=request_body, headers=headers).status_code
+
+    assert _poll(lambda: status_with(keys["primary"]) == 401), "old key still accepted"
+    assert status_with(new["primary"]) == 200 and status_with(keys["secondary"]) == 200
+    assert cli("service", "call", "digits-svc", "-d", request_body).exit_code == 0
+
+    bad_key = cli("service", "regen-key", "digits-svc", "--key", "tertiary")
+    assert bad_key.exit_code == 1 and "error: unknown key 'tertiary'" in bad_key.stderr
+
+    listed = json.loads(cli("service", "list", "-o", "json").stdout)
+    assert [(s["name"], s["state"]) for s in listed] == [("digits-svc", "healthy")]
+    logs = cli("service", "logs", "digits-svc").stdout
+    assert "event=ready" in logs
+
+    pid = int(str(view["pid"]))
+    deleted = cli("service", "delete", "digits-svc")
+    assert deleted.exit_code == 0 and "deleted digits-svc" in deleted.stdout
+    assert json.loads(cli("service", "list", "-o", "json").stdout) == []
+    assert not _alive(pid)
+    gone = cli("service", "show", "digits-svc")
+    assert gone.exit_code == 1 and "error: service 'digits-svc' does not exist" in gone.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_update_under_traffic_fails_no_request(
+    cli: Cli, digits_models: Registry, request_body: str
+) -> None:
+    view = _deploy(cli, "digits-live")
+    key = json.loads(cli("service", "keys", "digits-live", "-o", "json").stdout)["primary"]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(str(view["scoring_uri"]), content=request_body, headers=headers)
+                    results.append((r.status_code, r.headers.get("x-model-version")))
+                except httpx.HTTPError as exc:
+                    results.append((0, repr(exc)))
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert _poll(lambda: len(results) > 50)
+        updated = cli("service", "update", "digits-live", "-m", "digits:2", "-o", "json")
+        assert updated.exit_code == 0, updated.output
+        assert json.loads(updated.stdout)["models"] == ["digits:2"]
+        seen = len(results)
+        assert _poll(lambda: len(results) > seen + 50)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    failed = [r for r in results if r[0] != 200]
+    assert failed == [], failed[:5]
+    versions = [v for _, v in results]
+    assert "1" in versions and versions[-1] == "2"
+    assert json.loads(cli("service", "show", "digits-live", "-o", "json").stdout)["models"] == [
+        "digits:2"
+    ]
+
+
+def test_entry_script_deploy_serves_with_azureml_model_dir(
+    cli: Cli, digits_models: Registry, request_body: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "score.py").write_text(
+        "import json, os\n"
+        "import numpy as np\n"
+        "import onnxruntime as ort\n"
+        "def init():\n"
+        "    global sess\n"
+        "    sess = ort.InferenceSession(os.path.join(os.environ['AZUREML_MODEL_DIR'], 'model.onnx'))\n"
+        "def run(raw):\n"
+        "    x = np.array(json.loads(raw)['data'], dtype=np.float32)\n"
+        "    return {'digits': sess.run(None, {sess.get_inputs()[0].name: x})[0].tolist()}\n"
+    )
+    ic = tmp_path / "inferenceconfig.json"
+    ic.write_text(json.dumps({"entryScript": "score.py", "sourceDirectory": "src",
+                              "runtime": "python"}))  # fmt: skip
+    _deploy(cli, "scripted", "-ic", str(ic))
+    called = cli("service", "call", "scripted", "--data", request_body)
+    assert called.exit_code == 0, called.output
+    assert json.loads(called.stdout) == {"digits": [0, 1]}
+    updated = cli("service", "update", "scripted", "-m", "digits:2")
+    assert updated.exit_code == 0, updated.output
+    assert json.loads(cli("service", "call", "scripted", "-d", request_body).stdout) == {
+        "digits": [0, 1]
+    }
+
+
+def test_score_py_syntax_error_fails_fast_and_leaves_nothing(
+    cli: Cli, digits_models: Registry, home: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "score.py").write_text("def init():\n    pass\ndef run(data)\n    return data\n")
+    started = time.monotonic()
+    out = cli("deploy", "broken", "-m", "digits:1", "--entry-script", str(tmp_path / "score.py"))
+    assert out.exit_code == 1
+    assert "error: score.py line 3: expected ':': def run(data)" in out.stderr
+    assert time.monotonic() - started < 5
+    assert json.loads(cli("service", "list", "-o", "json").stdout) == []
+    assert not (home / "services" / "broken").exists()
+
+
+def test_crashing_init_reports_the_log_and_leaves_nothing(
+    cli: Cli, digits_models: Registry, home: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "score.py").write_text(
+        "def init():\n    raise RuntimeError('weights are corrupt')\ndef run(data):\n    return data\n"
+    )
+    out = cli("deploy", "crashy", "-m", "digits:1", "--entry-script", str(tmp_path / "score.py"))
+    assert out.exit_code == 1
+    assert "error: the scoring server exited with code" in out.stderr
+    assert "weights are corrupt" in out.stderr
+    assert json.loads(cli("service", "list", "-o", "json").stdout) == []
+    assert not (home / "services" / "crashy").exists()
+
+
+def test_a_taken_port_is_refused_before_anything_starts(
+    cli: Cli, digits_models: Registry
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("deploy", "clash", "-m", "digits:1", "--port", str(port))
+    assert out.exit_code == 1
+    assert f"error: port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert "hint: choose another port" in out.stderr
+    assert json.loads(cli("service", "list", "-o", "json").stdout) == []
+
+
+def test_bad_deploy_input_names_what_is_wrong(
+    cli: Cli, digits_models: Registry, tmp_path: Path
+) -> None:
+    broken = tmp_path / "dc.json"
+    broken.write_text('{"port": 8890,,}')
+    out = cli("deploy", "svc", "-m", "digits:1", "-dc", str(broken))
+    assert out.exit_code == 2 and f"error: {broken} is not valid JSON" in out.stderr
+
+    unknown = tmp_path / "dc2.json"
+    unknown.write_text(json.dumps({"containerResourceRequirements": {"cpu": 1, "memoryGB": 1}}))
+    out = cli("deploy", "svc", "-m", "digits:1", "-dc", str(unknown))
+    assert out.exit_code == 2
+    assert "error: dc2.json: unknown field 'containerResourceRequirements.memoryGB'" in out.stderr
+    assert "memoryInGB" in out.stderr  # the hint lists the known fields
+
+    out = cli("deploy", "svc", "-m", "digits:9")
+    assert out.exit_code == 1 and "error: model 'digits' has no version 9" in out.stderr
+    out = cli("deploy", "svc", "-m", "digits:1", "--target", "mainframe")
+    assert out.exit_code == 1 and "error: unknown deployment target 'mainframe'" in out.stderr
+    assert "available targets: docker, local" in out.stderr
+    out = cli("deploy", "Bad_Name", "-m", "digits:1")
+    assert out.exit_code == 1 and "error: invalid service name 'Bad_Name'" in out.stderr
+    out = cli("service", "call", "svc", "-d", "{not json")
+    assert out.exit_code == 1 and "error: --data is neither an existing file nor valid JSON" in (
+        out.stderr
+    )
+    assert json.loads(cli("service", "list", "-o", "json").stdout) == []
+
+
+def test_dead_process_shows_failed_with_last_log_lines(
+    cli: Cli, digits_models: Registry, request_body: str
+) -> None:
+    view = _deploy(cli, "doomed")
+    os.kill(int(str(view["pid"])), signal.SIGKILL)
+    assert _poll(lambda: not _alive(int(str(view["pid"]))))
+    shown = cli("service", "show", "doomed")
+    assert shown.exit_code == 0
+    assert "failed" in shown.stdout and "last log lines:" in shown.stdout
+    assert "event=ready" in shown.stdout
+    listed = json.loads(cli("service", "list", "-o", "json").stdout)
+    assert listed[0]["state"] == "failed" and "is not running" in listed[0]["detail"]
+    refused = cli("service", "update", "doomed", "-m", "digits:2")
+    assert refused.exit_code == 1 and "is not running, so it cannot be updated" in refused.stderr
+    assert cli("service", "delete", "doomed").exit_code == 0
+
+
+def test_model_delete_is_refused_while_deployed(cli: Cli, digits_models: Registry) -> None:
+    _deploy(cli, "inuse")
+    out = cli("model", "delete", "digits:1")
+    assert out.exit_code == 1
+    assert "error: model digits:1 is used by service(s) inuse" in out.stderr
+    assert "hint: delete or update the service first, or pass --force" in out.stderr
+    shown = json.loads(cli("model", "show", "digits:1", "-o", "json").stdout)
+    assert shown["services"] == ["inuse"]
