@@ -20,6 +20,7 @@ from modelfleet.deployer.cli._common import (
 )
 from modelfleet.deployer.fleet import operations as ops
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
+from modelfleet.deployer.fleet.query import parse_query
 from modelfleet.deployer.fleet.rollout import (
     RolloutEngine,
     RolloutSpec,
@@ -83,6 +84,8 @@ def devices(
     output: OutputFormat = OutputOption,
 ) -> None:
     """Every known device: tags, online/offline, last seen, model and status, last error."""
+    if where:
+        parse_query(where)  # a malformed query fails before the broker is contacted
     with _backend(broker) as backend:
         found = ops.list_devices(FleetStore(), backend, where)
     if output is OutputFormat.json:
@@ -128,13 +131,14 @@ def device_set(
     device_id: str = typer.Argument(..., metavar="DEVICE"),
     model: str = typer.Option(..., "--model", "-m", help="NAME:VERSION from the registry"),
     artifact_url: str = typer.Option(None, "--artifact-url", help="artifact server base URL devices download from (default $MODELFLEET_ARTIFACT_URL or http://127.0.0.1:8470)"),
+    entry_script: str = typer.Option(None, "--entry-script", help="entry script inside a folder model, e.g. score.py"),
     wait: str = typer.Option("30s", "--wait", help="how long to wait for the device's report (0: do not wait)"),
     broker: str = BrokerOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Point one device at a model version (for debugging; rollouts are the normal way)."""
     wait_s = parse_duration(wait, "--wait")
-    ref = ops.resolve_model(model, artifact_url)
+    ref = ops.resolve_model(model, artifact_url, entry_script=entry_script)
     with _backend(broker) as backend:
         info = ops.set_device_model(FleetStore(), backend, device_id, ref, wait_s=wait_s)
     if output is OutputFormat.json:
@@ -227,6 +231,7 @@ def rollout_create(
     max_error_rate: str = typer.Option("5%", "--max-error-rate", help="soak gate: share of failed scoring requests"),
     max_p99_ms: float = typer.Option(None, "--max-p99-ms", help="soak gate: p99 scoring latency limit"),
     artifact_url: str = typer.Option(None, "--artifact-url", help="artifact server base URL devices download from (default $MODELFLEET_ARTIFACT_URL or http://127.0.0.1:8470)"),
+    entry_script: str = typer.Option(None, "--entry-script", help="entry script inside a folder model, e.g. score.py"),
     wait: bool = typer.Option(False, "--wait", help="drive the rollout in this process until it ends"),
     broker: str = BrokerOption,
     output: OutputFormat = OutputOption,
@@ -237,7 +242,8 @@ def rollout_create(
     soak_s = parse_duration(soak, "--soak")
     timeout_s = parse_duration(timeout, "--timeout")
     error_rate = parse_ratio(max_error_rate, "--max-error-rate")
-    ref = ops.resolve_model(model, artifact_url)
+    parse_query(target)  # a malformed target fails before anything is contacted
+    ref = ops.resolve_model(model, artifact_url, entry_script=entry_script)
     url = ops.broker_url(broker)
     store = FleetStore()
     with _backend(url) as backend:

@@ -117,14 +117,24 @@ def set_device_model(
 # ---------------------------------------------------------------- rollouts
 
 
-def resolve_model(model: str, artifact_url: str | None, home: Path | None = None) -> ModelVersionRef:
+def resolve_model(
+    model: str, artifact_url: str | None, home: Path | None = None, *, entry_script: str | None = None
+) -> ModelVersionRef:
     """`NAME:VERSION` (or `NAME` for the latest) from the registry, as a reference devices download."""
     from modelfleet.deployer.registry.store import Registry, parse_model_id
 
     name, version = parse_model_id(model)
     registry = Registry(home)
     base = artifact_url or os.environ.get("MODELFLEET_ARTIFACT_URL") or DEFAULT_ARTIFACT_URL
-    return registry.model_ref(registry.get_model(name, version), base.rstrip("/"))
+    ref = registry.model_ref(registry.get_model(name, version), base.rstrip("/"))
+    if entry_script:
+        if ref.format != "tar":
+            raise FleetError(
+                f"--entry-script needs a folder model; {ref.key} is a single {ref.framework} file",
+                hint="register the folder holding the script and the model files",
+            )
+        ref = replace(ref, entry_script=entry_script)
+    return ref
 
 
 def create_rollout(store: FleetStore, backend: FleetBackend, spec: RolloutSpec) -> Rollout:

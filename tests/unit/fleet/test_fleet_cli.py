@@ -1,0 +1,88 @@
+"""`modelfleet fleet` bad input: every mistake a user can make gets one clear line and a hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelfleet.deployer.cli import app
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("MODELFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MODELFLEET_MQTT_URL", f"mqtt://127.0.0.1:{dead}")
+    runner = CliRunner()
+
+    def invoke(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["fleet", *args])
+        return result.exit_code, result.output
+
+    return invoke
+
+
+def test_malformed_where_names_the_position(run) -> None:  # type: ignore[no-untyped-def]
+    code, out = run("devices", "--where", "tags.site = 'a' AND")
+    assert code != 0
+    assert "invalid target condition at position 20: expected a field" in out
+    assert "hint:" in out
+
+
+def test_unreachable_broker_is_one_clear_line(run) -> None:  # type: ignore[no-untyped-def]
+    code, out = run("devices")
+    assert code != 0
+    assert "error: cannot reach the MQTT broker at mqtt://127.0.0.1:" in out
+    assert "Connection refused" in out
+    assert "Traceback" not in out
+
+
+def test_bad_broker_url(run) -> None:  # type: ignore[no-untyped-def]
+    code, out = run("devices", "--broker", "http://x")
+    assert code != 0
+    assert "broker URL 'http://x' is not mqtt://host[:port]" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stages", "10,5,100"], "--stages: 5 does not increase on 10"),
+        (["--stages", "10,50"], "--stages: the last stage must be 100"),
+        (["--max-failure", "lots"], "--max-failure: 'lots' is not a percentage"),
+        (["--soak", "2 weeks"], "--soak: '2 weeks' is not a duration"),
+        (["--timeout", "-1"], "--timeout: '-1' is not a duration"),
+        (["--target", "tags.hw IN ['a'"], "invalid target condition at position 16: expected ',' or ']'"),
+        (["--model", "digits:x"], "invalid version 'x' in 'digits:x'"),
+        (["--model", "nothing:1"], "model 'nothing' is not registered"),
+    ],
+)
+def test_bad_rollout_options_are_refused_before_anything_changes(run, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    base = {"--model": "digits:1", "--target": "*"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    flat = [x for kv in base.items() for x in kv]
+    code, out = run("rollout", "create", "r1", *flat)
+    assert code != 0
+    assert message in out
+    code, out = run("rollout", "list")
+    assert code == 0 and "(none)" in out
+
+
+def test_unknown_rollout(run) -> None:  # type: ignore[no-untyped-def]
+    for command in ("status", "pause", "resume", "abort", "rollback"):
+        code, out = run("rollout", command, "ghost")
+        assert code != 0, command
+        assert "no rollout named 'ghost'" in out
+        assert "modelfleet fleet rollout list" in out
+
+
+def test_tag_needs_key_value(run) -> None:  # type: ignore[no-untyped-def]
+    code, out = run("tag", "dev-1", "site")
+    assert code != 0
+    assert "tag 'site' is not KEY=VALUE" in out
