@@ -95,7 +95,7 @@ def test_invalid_deployment_fields_are_named(tmp_path: Path, data: object, messa
 
 def test_unknown_inference_field_lists_the_known_ones(tmp_path: Path) -> None:
     ic = _write(tmp_path / "ic.json", {"entry_script": "score.py"})
-    with pytest.raises(ConfigError, match="ic.json: unknown field 'entry_script'") as info:
+    with pytest.raises(ConfigError, match=r"ic\.json: unknown field 'entry_script'") as info:
         load_inference_config(ic)
     assert "entryScript" in info.value.hint
 
@@ -108,10 +108,10 @@ def test_broken_json_names_the_line(tmp_path: Path) -> None:
 
 
 def test_missing_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="deployment config file .*nope.json does not exist"):
+    with pytest.raises(ConfigError, match=r"deployment config file .*nope\.json does not exist"):
         load_deployment_config(tmp_path / "nope.json")
     ic = _write(tmp_path / "ic.json", {"entryScript": "score.py", "sourceDirectory": "."})
-    with pytest.raises(ConfigError, match="entryScript score.py not found in"):
+    with pytest.raises(ConfigError, match=r"entryScript score\.py not found in"):
         load_inference_config(ic)
     with pytest.raises(ConfigError, match="flags: field 'port': expected an integer"):
         load_deployment_config(None, overrides={"port": 0})
