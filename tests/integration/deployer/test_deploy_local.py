@@ -263,3 +263,22 @@ def test_model_delete_is_refused_while_deployed(cli: Cli, digits_models: Registr
     assert "hint: delete or update the service first, or pass --force" in out.stderr
     shown = json.loads(cli("model", "show", "digits:1", "-o", "json").stdout)
     assert shown["services"] == ["inuse"]
+
+
+def test_logs_follow_ends_when_the_process_dies(
+    cli: Cli, digits_models: Registry, home: Path
+) -> None:
+    from modelfleet.deployer.services import ServiceManager
+
+    view = _deploy(cli, "followed")
+    manager = ServiceManager(Registry(home))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(manager.logs("followed", follow=True)))
+    reader.start()
+    assert _poll(lambda: any("event=ready" in line for line in lines))
+    assert reader.is_alive()  # following: waits for more lines
+    os.kill(int(str(view["pid"])), signal.SIGTERM)
+    reader.join(15)
+    assert not reader.is_alive()
+    tail = cli("service", "logs", "followed", "--tail", "1")
+    assert tail.exit_code == 0 and len(tail.stdout.splitlines()) == 1

@@ -48,3 +48,46 @@ def test_quickstart_keep_leaves_a_working_service_and_reruns(home: Path) -> None
     assert "already registered (same bytes) as quickstart-digits:1" in second.stderr
     assert "deleted (pass --keep to keep it)" in second.stdout
     assert manager.registry.list_services() == []
+
+
+def test_ctrl_c_during_quickstart_removes_the_service(home: Path) -> None:
+    import pytest
+
+    from modelfleet.deployer.quickstart import run_quickstart
+
+    registry = Registry(home)
+
+    def interrupt_once_ready(line: str) -> None:
+        if "is ready at" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_quickstart(registry, progress=interrupt_once_ready)
+    assert registry.list_services() == []
+    assert not (home / "services" / "quickstart-digits").exists()
+
+
+def test_registry_serve_command_serves_artifacts(home: Path, digits_onnx: Path) -> None:
+    import httpx
+
+    registry = Registry(home)
+    model = registry.register("digits", digits_onnx).model
+    env = dict(os.environ, MODELFLEET_HOME=str(home))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelfleet.deployer", "registry", "serve", "--port", "0",
+         "--token", "s3cret-token", "-o", "json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads("".join(proc.stdout.readline() for _ in range(4)))
+        assert info["token"] == "s3cret-token"
+        url = f"{info['url']}/v1/artifacts/{model.sha256}"
+        assert httpx.get(url).status_code == 401
+        got = httpx.get(url, headers={"Authorization": "Bearer s3cret-token"})
+        assert got.status_code == 200 and got.content == digits_onnx.read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(10)
