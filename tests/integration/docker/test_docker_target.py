@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,13 @@ def service(
 
     from modelfleet.deployer.targets.base import InferenceConfig
 
+    name = f"t-shared-{uuid.uuid4().hex[:6]}"  # unique: a crashed earlier run cannot block it
     spec = ServiceSpec(
-        name="t-shared",
+        name=name,
         models=(binding(digits_onnx),),
         inference=InferenceConfig(),
         deployment=DeploymentConfig(cpu_cores=0.5, memory_gb=0.5),
-        workdir=tmp_path_factory.mktemp("svc") / "t-shared",
+        workdir=tmp_path_factory.mktemp("svc") / name,
     )
     progress: list[str] = []
     record = docker_target.deploy(spec, progress.append)

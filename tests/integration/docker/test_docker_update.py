@@ -155,3 +155,24 @@ def test_refused_update_keeps_old_version_serving(
     assert "previous version keeps serving" in str(err.value)
     assert call(record, key) == before
     assert docker_target.status(record).state == "healthy"
+
+
+def test_update_that_changes_requirements_is_refused_before_building(
+    make_spec: SpecFactory, deployed: Deployed, docker_target: DockerTarget, tmp_path: Path
+) -> None:
+    record = deployed.deploy(make_spec())
+    key = primary(record)
+    before = call(record, key)
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("tabulate==0.9.0\n")
+    changed = make_spec(
+        name=record.name,
+        workdir=Path(record.target_data["workdir"]),
+        inference=InferenceConfig(requirements_file=reqs),
+    )
+    progress: list[str] = []
+    with pytest.raises(DeploymentError, match="changes the pip requirements") as err:
+        docker_target.update(record, changed, progress.append)
+    assert "delete the service and deploy it again" in err.value.hint
+    assert not any(line.startswith(("Step ", "pip wheel", "building")) for line in progress)
+    assert call(record, key) == before

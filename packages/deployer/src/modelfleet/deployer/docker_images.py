@@ -50,6 +50,9 @@ CONTAINER_PORT = 5001
 
 LABEL_KIND = "modelfleet.kind"
 LABEL_RUNTIME = "modelfleet.runtime"  # on service images: the runtime image id they build on
+LABEL_BASE = "modelfleet.base"  # on runtime images: the base image id
+LABEL_USER_DEPS = "modelfleet.user-deps"  # on runtime images: the user wheelhouse key
+RUNTIME_IMAGES_KEPT = 3
 
 
 class ImageBuildError(DeploymentError):
@@ -270,7 +273,7 @@ def ensure_runtime_image(
     """Base + a venv with modelfleet-scoring and the user's requirements, offline."""
     base_id = client.images.get(base).id
     dockerfile = _RUNTIME_DOCKERFILE.format(base=base_id, venv=VENV_DIR)
-    key = _hash(["runtime-v1", base_id, scoring.key, user.key if user else "", dockerfile])
+    key = _hash(["runtime-v2", base_id, scoring.key, user.key if user else "", dockerfile])
     tag = f"{RUNTIME_REPO}:{key[:16]}"
     if _image_exists(client, tag):
         progress(f"runtime image {tag} is cached")
@@ -291,8 +294,37 @@ def ensure_runtime_image(
             else:
                 _add_bytes(tar, "user/requirements.txt", b"")
         context.seek(0)
-        build_image(client, context, tag, {LABEL_KIND: "runtime"}, progress)
+        labels = {
+            LABEL_KIND: "runtime",
+            LABEL_BASE: base_id,
+            LABEL_USER_DEPS: user.key if user else "none",
+        }
+        build_image(client, context, tag, labels, progress)
+    prune_runtime_images(client, keep=tag)
     return tag
+
+
+def prune_runtime_images(client: Any, keep: str, newest: int = RUNTIME_IMAGES_KEPT) -> list[str]:
+    """Untag runtime images no container uses, beyond the `newest` few.
+
+    Each change of modelfleet-scoring (or of a user's requirements) makes a new
+    runtime image; without this they pile up at a few hundred MB each.
+    """
+    import docker.errors
+
+    found = client.images.list(filters={"label": f"{LABEL_KIND}=runtime"})
+    found.sort(key=lambda img: str(img.attrs.get("Created", "")), reverse=True)
+    removed: list[str] = []
+    for image in found[newest:]:
+        if keep in image.tags or client.containers.list(all=True, filters={"ancestor": image.id}):
+            continue
+        for tag in image.tags:
+            try:
+                client.images.remove(tag)
+                removed.append(tag)
+            except docker.errors.APIError:
+                pass  # in use by a build right now, or already gone
+    return removed
 
 
 # ------------------------------------------------------------------------ service

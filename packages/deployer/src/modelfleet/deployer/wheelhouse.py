@@ -209,11 +209,16 @@ def _installed_scoring_wheelhouse(progress: Progress) -> Wheelhouse:
     return requirements_wheelhouse(f"{SCORING_DIST}=={version}\n", progress)
 
 
+def requirements_key(requirements: str) -> str:
+    """The cache key of a requirements text's wheelhouse (known before building it)."""
+    return hashlib.sha256(b"reqs-v1\0" + requirements.encode()).hexdigest()[:16]
+
+
 def requirements_wheelhouse(
     requirements: str, progress: Progress = lambda _line: None
 ) -> Wheelhouse:
     """Wheels for a pip requirements text (a user's dependencies)."""
-    key = hashlib.sha256(b"reqs-v1\0" + requirements.encode()).hexdigest()[:16]
+    key = requirements_key(requirements)
     final = cache_root() / "wheelhouse" / f"reqs-{key}"
     if (final / "requirements.txt").is_file():
         progress(f"wheelhouse {final.name} is cached")

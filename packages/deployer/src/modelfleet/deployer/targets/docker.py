@@ -67,15 +67,33 @@ class DockerTarget:
 
     # ------------------------------------------------------------------ images
 
-    def build(self, spec: ServiceSpec, progress: Progress) -> tuple[str, images.Release, bool]:
-        """Build (or reuse) the service image for `spec`: (tag, release, built)."""
+    def build(
+        self,
+        spec: ServiceSpec,
+        progress: Progress,
+        *,
+        environment: tuple[str, str] | None = None,
+    ) -> tuple[str, images.Release, bool]:
+        """Build (or reuse) the service image for `spec`: (tag, release, built).
+
+        With `environment` (base image id, user requirements key), refuse before
+        building anything when `spec` needs a different one.
+        """
         _check_entry_script(spec)
         client = self.client
         base = images.resolve_base_image(client, spec.inference.base_image, progress)
-        scoring = wheelhouse.scoring_wheelhouse(progress)
         reqs = wheelhouse.user_requirements(
             spec.inference.requirements_file, spec.inference.conda_file
         )
+        wanted = (client.images.get(base).id, wheelhouse.requirements_key(reqs) if reqs else "none")
+        if environment is not None and wanted != environment:
+            changed = "base image" if wanted[0] != environment[0] else "pip requirements"
+            raise DockerTargetError(
+                f"the update changes the {changed}, which a running container cannot take "
+                "without a restart; the service keeps its current version",
+                hint=f"delete the service and deploy it again (modelfleet service delete {spec.name})",
+            )
+        scoring = wheelhouse.scoring_wheelhouse(progress)
         user = wheelhouse.requirements_wheelhouse(reqs, progress) if reqs else None
         runtime = images.ensure_runtime_image(client, base, scoring, user, progress)
         release = images.stage_release(
@@ -145,8 +163,11 @@ class DockerTarget:
 
     def update(self, record: ServiceRecord, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
         container = self._container(record)
-        tag, release, _built = self.build(spec, progress)
         data = dict(record.target_data)
+        running = _runtime_of(self.client, str(data["image"]))
+        tag, release, _built = self.build(
+            spec, progress, environment=_environment(running) if running else None
+        )
         if release.id == data.get("release") and tag == data.get("image"):
             progress("nothing changed; the service keeps its current version")
             return record
@@ -180,11 +201,13 @@ class DockerTarget:
         progress: Progress,
     ) -> None:
         """Copy `release` into the running container, load and warm it, then switch."""
-        if _runtime_of(self.client, str(data["image"])) != _runtime_of(self.client, tag):
-            raise DockerTargetError(
-                "the update changes the image's dependencies, base image or modelfleet-scoring "
-                "version, which cannot be hot-swapped; deploy it as a new service "
-                "(or delete and redeploy this one)"
+        running = _runtime_of(self.client, str(data["image"]))
+        wanted = _runtime_of(self.client, tag)
+        if running.get("id") != wanted.get("id"):
+            # Only modelfleet-scoring itself changed: the running server can still load
+            # the new release; the new image carries the new package for the next start.
+            progress(
+                "the running container keeps its modelfleet-scoring; the new image has the newer one"
             )
         progress(f"copying release {release.id} into {data['container_name']}")
         try:
@@ -403,14 +426,22 @@ def _ensure_admin_key(workdir: Path) -> str:
     return path.read_text().strip()
 
 
-def _runtime_of(client: Any, image: str) -> str:
-    """The runtime image (dependencies + base) a service image was built on."""
+def _runtime_of(client: Any, image: str) -> dict[str, str]:
+    """The runtime image a service image was built on: its id and labels ({} if unknown)."""
     import docker.errors
 
     try:
-        return images.image_labels(client, image).get(images.LABEL_RUNTIME, "")
+        runtime_id = images.image_labels(client, image).get(images.LABEL_RUNTIME, "")
+        if not runtime_id:
+            return {}
+        return {"id": runtime_id, **images.image_labels(client, runtime_id)}
     except docker.errors.ImageNotFound:
-        return ""
+        return {}
+
+
+def _environment(runtime: dict[str, str]) -> tuple[str, str]:
+    """What a hot-swap cannot change: the base image and the user's pip requirements."""
+    return runtime.get(images.LABEL_BASE, "?"), runtime.get(images.LABEL_USER_DEPS, "?")
 
 
 def _is_ready(port: int) -> bool:
