@@ -170,3 +170,16 @@ def test_a_killed_register_leaves_no_version(home: Path, tmp_path: Path) -> None
     small = tmp_path / "small.onnx"
     small.write_bytes(b"model")
     assert reg.register("big", small).model.version == 1
+
+
+def test_temp_files_of_long_dead_registers_are_swept(home: Path, digits_onnx: Path) -> None:
+    reg = Registry()
+    reg.register("digits", digits_onnx)
+    stale = home / "blobs" / "sha256" / ".incoming-dead"
+    fresh = home / "blobs" / "sha256" / ".incoming-live"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+    reg.register("other", digits_onnx)
+    assert not stale.exists() and fresh.exists()  # a live register's temp file is left alone

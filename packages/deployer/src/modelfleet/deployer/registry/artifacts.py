@@ -8,11 +8,13 @@ Folders are stored as an uncompressed, deterministic tar.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -21,6 +23,7 @@ from modelfleet.deployer.errors import ArtifactError
 
 ArtifactFormat = Literal["file", "tar"]
 _CHUNK = 1 << 20
+_STALE_TEMP_S = 24 * 3600  # an older temp blob belongs to a killed register
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class BlobStore:
         else:
             raise ArtifactError(f"model path {source} is neither a file nor a folder")
         self.blobs.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
         fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=self.blobs)
         tmp = Path(tmp_name)
         try:
@@ -118,6 +122,13 @@ class BlobStore:
         finally:
             tmp.unlink(missing_ok=True)
         return StoredBlob(sha256=sha, size=size, format=fmt, filename=source.name)
+
+    def _remove_stale_temps(self) -> None:
+        cutoff = time.time() - _STALE_TEMP_S
+        for tmp in self.blobs.glob(".incoming-*"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
 
     def verify(self, sha256: str) -> None:
         path = self.path(sha256)
