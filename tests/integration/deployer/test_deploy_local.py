@@ -282,3 +282,20 @@ def test_logs_follow_ends_when_the_process_dies(
     assert not reader.is_alive()
     tail = cli("service", "logs", "followed", "--tail", "1")
     assert tail.exit_code == 0 and len(tail.stdout.splitlines()) == 1
+
+
+def test_update_to_a_broken_model_is_refused_and_the_old_version_keeps_serving(
+    cli: Cli, digits_models: Registry, request_body: str, tmp_path: Path
+) -> None:
+    _deploy(cli, "steady")
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"this is not an onnx graph")
+    assert cli("model", "register", "-n", "digits", "-p", str(broken)).exit_code == 0
+    out = cli("service", "update", "steady", "-m", "digits:3")
+    assert out.exit_code == 1
+    assert "error: the new version was refused (422)" in out.stderr
+    assert "the previous version keeps serving" in out.stderr
+    shown = json.loads(cli("service", "show", "steady", "-o", "json").stdout)
+    assert shown["state"] == "healthy" and shown["models"] == ["digits:1"]
+    called = json.loads(cli("service", "call", "steady", "-d", request_body, "-o", "json").stdout)
+    assert called["model_version"] == "1"

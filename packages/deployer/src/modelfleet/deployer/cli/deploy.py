@@ -46,7 +46,7 @@ def deploy(
     max_concurrent_requests: int = typer.Option(None, "--max-concurrent-requests"),
     replicas: int = typer.Option(None, "--replicas"),
     wait: bool = typer.Option(
-        True, "--wait/--no-wait", help="wait until the service is ready (always on for now)"
+        True, "--wait", help="accepted for az ml parity: deploy always waits for readiness"
     ),
     output: OutputFormat = OutputOption,
 ) -> None:
