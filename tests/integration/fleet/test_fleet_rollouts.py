@@ -1,0 +1,203 @@
+"""Fleet rollouts end to end: real mosquitto, real agent processes, real ONNX models, the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fleet_harness import Fleet, wait_until  # type: ignore[import-not-found]
+
+from modelfleet.deployer.fleet.rollout import rollout_order
+from modelfleet.deployer.fleet.store import FleetStore
+from modelfleet.deployer.samples import digits_rows
+
+pytestmark = pytest.mark.mqtt
+ROWS = digits_rows(2)
+
+SCHEMA_HEADER = (
+    "from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType\n"
+    "from inference_schema.schema_decorators import input_schema\n\n"
+    "def init():\n    pass\n\n"
+    "@input_schema('data', StandardPythonParameterType([1, 2, 3]))\n"
+)
+
+
+def script_model(folder: Path, run_body: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "score.py").write_text(SCHEMA_HEADER + "def run(data):\n" + run_body)
+    return folder
+
+
+def rollout(fleet: Fleet, name: str, *args: str) -> dict:  # type: ignore[type-arg]
+    done = fleet.cli("rollout", "create", name, *args, "--wait", "--output", "json")
+    assert done.stdout.strip(), f"exit {done.returncode}: {done.stderr}"
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def base_v1(fleet: Fleet, digits_onnx: Path) -> None:
+    fleet.register("digits", digits_onnx)
+    view = rollout(fleet, "base", "--model", "digits:1", "--target", "*")
+    assert view["state"] == "succeeded", view["reason"]
+
+
+def test_three_stage_rollout_over_ten_agents_succeeds(fleet: Fleet, digits_onnx: Path, digits_onnx_v2: Path) -> None:
+    agents = fleet.start_agents(10)
+    base_v1(fleet, digits_onnx)
+    fleet.register("digits", digits_onnx_v2)
+
+    view = rollout(fleet, "v2", "--model", "digits:2", "--target", "*", "--stages", "10,50,100")
+
+    assert view["state"] == "succeeded", view["reason"]
+    assert [(s["stage"], s["devices"], s["result"]) for s in view["stage_log"]] == [
+        (1, 1, "passed"), (2, 4, "passed"), (3, 5, "passed"),
+    ]
+    # the canary went first: the deterministic order of the rollout
+    order = rollout_order("v2", [a.device_id for a in agents])
+    assert view["devices"][0]["device_id"] == order[0]
+    listing = fleet.cli_json("devices")
+    assert [(d["device_id"], d["model"], d["online"]) for d in listing] == [
+        (a.device_id, "digits:2", True) for a in agents
+    ]
+    r = httpx.post(f"http://127.0.0.1:{agents[3].scoring_port}/score", json={"data": ROWS}, timeout=10)
+    assert r.status_code == 200 and r.headers["x-model-version"] == "2"
+
+
+def test_warmup_failure_on_the_canary_stops_at_stage_one_others_untouched(
+    fleet: Fleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    agents = fleet.start_agents(4)
+    base_v1(fleet, digits_onnx)
+    fleet.register("digits", script_model(tmp_path / "broken", "    raise ValueError('this model is broken')\n"))
+    before = {a.device_id: fleet.device(a.device_id).desired_version for a in agents}  # type: ignore[union-attr]
+
+    view = rollout(fleet, "bad", "--model", "digits:2", "--entry-script", "score.py", "--target", "*",
+                   "--stages", "25,100", "--max-failure", "5%")
+
+    assert view["state"] == "failed"
+    assert "stage 1: 1 of 1 devices failed" in view["reason"]
+    assert "warmup" in view["reason"] and "this model is broken" in view["reason"]
+    canary = view["devices"][0]
+    assert canary["state"] == "rolled_back" and canary["previous"] == "digits:1"
+    assert [d["state"] for d in view["devices"][1:]] == ["waiting"] * 3
+    for a in agents:
+        d = fleet.wait_device(a.device_id, lambda d: d.active == "digits:1" and d.status == "applied", "back on v1")
+        assert d.desired is not None and d.desired.key == "digits:1"
+        if a.device_id != canary["device_id"]:
+            assert d.desired_version == before[a.device_id]  # never sent anything
+
+
+def test_errors_under_traffic_trip_the_telemetry_gate_and_roll_back(
+    fleet: Fleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    agents = fleet.start_agents(2)
+    base_v1(fleet, digits_onnx)
+    # warm-up sends the schema's sample [1, 2, 3] and passes; real requests fail
+    fleet.register("digits", script_model(
+        tmp_path / "flaky", "    if data == [1, 2, 3]:\n        return [0]\n    raise RuntimeError('bad under traffic')\n"
+    ))
+    ports = [a.scoring_port for a in agents]
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=5) as client:
+            while not stop.is_set():
+                for port in ports:
+                    try:
+                        client.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS})
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.02)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        view = rollout(fleet, "flaky", "--model", "digits:2", "--entry-script", "score.py", "--target", "*",
+                       "--stages", "50,100", "--soak", "20s", "--max-error-rate", "5%")
+    finally:
+        stop.set()
+        sender.join(10)
+
+    assert view["state"] == "failed"
+    assert "stage 1: telemetry gate: error rate" in view["reason"]
+    assert view["stage_log"][0]["seconds"] < 20  # caught during the soak, not at its end
+    canary, other = view["devices"]
+    assert canary["state"] == "rolled_back" and other["state"] == "waiting"
+    fleet.wait_device(canary["device_id"], lambda d: d.active == "digits:1" and d.status == "applied", "rolled back")
+    assert fleet.device(other["device_id"]).active == "digits:1"  # type: ignore[union-attr]
+
+
+def test_killed_controller_resumes_and_finishes(fleet: Fleet, digits_onnx: Path, digits_onnx_v2: Path) -> None:
+    agents = fleet.start_agents(3)
+    base_v1(fleet, digits_onnx)
+    fleet.register("digits", digits_onnx_v2)
+    store = FleetStore(fleet.registry.home)
+
+    cli = fleet.cli_background("rollout", "create", "r", "--model", "digits:2", "--target", "*",
+                               "--stages", "34,67,100", "--soak", "1s", "--wait")
+    wait_until(lambda: _stage(store, "r") >= 2, 60, "the rollout to reach stage 2")
+    cli.send_signal(signal.SIGKILL)
+    cli.wait(10)
+    assert store.get("r").state == "running"  # nobody drives it now
+
+    done = fleet.cli("rollout", "resume", "r", "--wait", "--output", "json")
+    view = json.loads(done.stdout)
+    assert view["state"] == "succeeded", (view["reason"], done.stderr)
+    assert len(view["stage_log"]) == 3
+    for a in agents:
+        fleet.wait_device(a.device_id, lambda d: d.active == "digits:2", "on v2")
+
+
+def _stage(store: FleetStore, name: str) -> int:
+    try:
+        return store.get(name).stage + 1
+    except Exception:
+        return 0
+
+
+def test_offline_device_is_pending_then_converges_after_reconnect(
+    fleet: Fleet, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    agents = fleet.start_agents(3)
+    base_v1(fleet, digits_onnx)
+    fleet.register("digits", digits_onnx_v2)
+    sleeper = agents[1]
+    sleeper.terminate()
+    fleet.wait_device(sleeper.device_id, lambda d: not d.online, "offline")
+
+    view = rollout(fleet, "v2", "--model", "digits:2", "--target", "*", "--timeout", "3s", "--max-failure", "34%")
+
+    assert view["state"] == "succeeded", view["reason"]
+    states = {d["device_id"]: (d["state"], d["reason"]) for d in view["devices"]}
+    assert states[sleeper.device_id] == ("timeout", "offline, no report within 3s")
+    sleeper.start()
+    fleet.wait_device(sleeper.device_id, lambda d: d.online and d.active == "digits:2", "converged after reconnect")
+    listing = fleet.cli_json("devices", "--where", "reported.model.version = 2")
+    assert len(listing) == 3
+
+
+def test_conflicting_rollout_is_refused_and_tags_target_devices(
+    fleet: Fleet, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    agents = fleet.start_agents(3)
+    fleet.register("digits", digits_onnx)
+    fleet.register("digits", digits_onnx_v2)
+    for a in agents[:2]:
+        assert fleet.cli("tag", a.device_id, "site=plant-1").returncode == 0
+    listing = fleet.cli_json("devices", "--where", "tags.site = 'plant-1'")
+    assert [d["device_id"] for d in listing] == [a.device_id for a in agents[:2]]
+
+    # a long soak keeps the first rollout active while the second is tried
+    first = fleet.cli("rollout", "create", "slow", "--model", "digits:1", "--target", "tags.site = 'plant-1'",
+                      "--soak", "1h")
+    assert first.returncode == 0, first.stderr
+    second = fleet.cli("rollout", "create", "clash", "--model", "digits:2", "--target", "*")
+    assert second.returncode != 0
+    assert f"conflicts with rollout 'slow' (running): device '{agents[0].device_id}' (and 1 more devices)" in second.stderr
+    assert fleet.cli("rollout", "abort", "slow").returncode == 0
+    listed = fleet.cli_json("rollout", "list")
+    assert [(r["name"], r["state"]) for r in listed] == [("slow", "aborted")]
