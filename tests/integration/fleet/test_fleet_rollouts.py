@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -107,10 +108,8 @@ def test_errors_under_traffic_trip_the_telemetry_gate_and_roll_back(
         with httpx.Client(timeout=5) as client:
             while not stop.is_set():
                 for port in ports:
-                    try:
+                    with contextlib.suppress(httpx.HTTPError):
                         client.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS})
-                    except httpx.HTTPError:
-                        pass
                 time.sleep(0.02)
 
     sender = threading.Thread(target=traffic, daemon=True)
