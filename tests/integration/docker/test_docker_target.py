@@ -207,3 +207,44 @@ def test_logs_follow_streams_until_the_container_stops(
     status = docker_target.status(record)
     assert status.state == "failed"
     assert status.last_log_lines, "a stopped service shows its last log lines"
+
+
+def test_several_models_are_laid_out_as_azureml_does(
+    make_spec: SpecFactory,
+    deployed: Deployed,
+    digits_onnx: Path,
+    digits_onnx_v2: Path,
+    tmp_path: Path,
+) -> None:
+    from conftest import binding
+
+    from modelfleet.deployer.targets.base import InferenceConfig
+
+    src = tmp_path / "multi"
+    src.mkdir()
+    (src / "score.py").write_text(
+        "import json, os\n"
+        "import numpy as np\n"
+        "import onnxruntime as ort\n\n"
+        "def init():\n"
+        "    global sessions\n"
+        "    root = os.environ['AZUREML_MODEL_DIR']\n"
+        "    sessions = {n: ort.InferenceSession(os.path.join(root, n, v, 'model.onnx'))\n"
+        "                for n, v in [('digits', '1'), ('digits-b', '2')]}\n\n"
+        "def run(data):\n"
+        "    if isinstance(data, (str, bytes)):\n"
+        "        data = json.loads(data)\n"
+        "    x = np.asarray(data['data'], dtype=np.float32)\n"
+        "    return {n: s.run(None, {s.get_inputs()[0].name: x})[0].tolist() for n, s in sessions.items()}\n"
+    )
+    spec = make_spec(
+        models=(binding(digits_onnx, 1), binding(digits_onnx_v2, 2, name="digits-b")),
+        inference=InferenceConfig(source_directory=src, entry_script="score.py"),
+    )
+    record = deployed.deploy(spec)
+    assert record.models == ["digits:1", "digits-b:2"]
+    answer = score(record, keys(spec)["primary"], rows=3)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == {"digits", "digits-b"}
+    assert body["digits"] == [0, 1, 2] and body["digits-b"] == [0, 1, 2]
