@@ -139,6 +139,9 @@ def test_fast_script_moves_inline_and_a_slow_call_moves_it_back(start_server, sl
             assert c.post("/score", json={"sleep_ms": 0}).status_code == 200
         assert model.inline
         assert c.post("/score", json={"sleep_ms": 150}).status_code == 200
+        assert model.inline  # one slow call may be the machine's fault
+        for _ in range(2):
+            assert c.post("/score", json={"sleep_ms": 150}).status_code == 200
         assert not model.inline and model.pool_only
         for _ in range(PROMOTE_AFTER):
             c.post("/score", json={"sleep_ms": 0})

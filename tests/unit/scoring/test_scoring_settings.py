@@ -61,7 +61,11 @@ def test_config_file_errors(tmp_path: Path) -> None:
         load_settings({}, config_file=tmp_path / "missing.toml", environ={})
 
 
-def test_cli_reports_config_errors_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_cli_reports_config_errors_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("MODELFLEET_MODEL_DIR", "AZUREML_MODEL_DIR", "MODELFLEET_PORT"):
+        monkeypatch.delenv(var, raising=False)
     assert main(["serve", "--model-dir", str(tmp_path), "--port", "nope"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: port (--port / MODELFLEET_PORT): --port must be an integer, got 'nope'"

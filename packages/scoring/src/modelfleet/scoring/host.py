@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ MODEL_SUFFIXES = (".onnx", ".tflite")
 PROMOTE_AFTER = 64
 #: an inline call slower than this many times the threshold moves the model to the pool
 DEMOTE_FACTOR = 20
+#: slow inline calls, within a window of calls, that move a model to the pool
+DEMOTE_AFTER = 3
+DEMOTE_WINDOW = 1000
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class LoadedModel:
         # sends it back to the pool for good.
         self.pool_only = False
         self._fast_streak = 0
+        self._inline_calls = 0
+        self._slow_calls = 0
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -138,8 +142,19 @@ class LoadedModel:
         return False
 
     def observe_inline_call(self, seconds: float) -> bool:
-        """Record an inline call; True when it was slow enough to move the model to the pool."""
-        if seconds > DEMOTE_FACTOR * self.inline_threshold_s:
+        """Record an inline call; True when slow calls moved the model to the pool.
+
+        One slow call can be the machine's fault (preemption, a GC pause), so it
+        takes DEMOTE_AFTER slow calls within DEMOTE_WINDOW calls.
+        """
+        self._inline_calls += 1
+        if self._inline_calls >= DEMOTE_WINDOW:
+            self._inline_calls = 0
+            self._slow_calls = 0
+        if seconds <= DEMOTE_FACTOR * self.inline_threshold_s:
+            return False
+        self._slow_calls += 1
+        if self._slow_calls >= DEMOTE_AFTER:
             self.inline = False
             self.pool_only = True
             return True
@@ -279,7 +294,8 @@ def warm_up(runtime: ModelRuntime) -> float | None:
         timings.append(time.perf_counter() - t0)
         if time.perf_counter() > budget and len(timings) >= 3:
             break
-    return statistics.median(timings[1:] if len(timings) > 1 else timings)
+    timed = sorted(timings[1:] if len(timings) > 1 else timings)
+    return timed[len(timed) // 2]
 
 
 def _safe_close(runtime: Any) -> None:

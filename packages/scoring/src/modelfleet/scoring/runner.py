@@ -74,6 +74,16 @@ def serve(settings: ServerSettings) -> int:
     return worst
 
 
+def _release_free_memory() -> None:
+    """Hand memory freed while loading (model bytes, parse buffers) back to the OS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _run_worker(settings: ServerSettings, sock: socket.socket | None) -> int:
     try:
         import uvloop
@@ -108,6 +118,7 @@ async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
         return 1
     if sock is not None:
         await server.start(sock)
+    _release_free_memory()
     log.info("event=ready port=%d model=%s version=%s", server.port, spec.name, spec.version)
     await stop.wait()
     await server.stop()

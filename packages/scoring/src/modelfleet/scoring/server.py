@@ -100,12 +100,16 @@ class ScoringServer:
                 self.handle, self.settings.max_body_bytes, self._connections, self._error_bytes
             )
 
-        if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=2048)
-        else:
-            self._server = await loop.create_server(
-                factory, self.settings.host, self.settings.port, backlog=2048
+        if sock is None:
+            # bound here rather than by the loop: uvloop would start libuv's resolver
+            # thread pool (4 threads) just to parse a numeric address
+            sock = socket.create_server(
+                (self.settings.host, self.settings.port),
+                family=socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET,
+                backlog=2048,
             )
+            sock.setblocking(False)
+        self._server = await loop.create_server(factory, sock=sock, backlog=2048)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("event=listening host=%s port=%d", self.settings.host, self.port)
 

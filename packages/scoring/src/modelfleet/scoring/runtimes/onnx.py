@@ -54,6 +54,9 @@ class OnnxRuntime:
         opts.intra_op_num_threads = int(os.environ.get("MODELFLEET_ORT_THREADS", "1"))
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # the arena keeps peak buffers for good; small models gain nothing from it
+        # and a device with 256 MB wants the memory back
+        opts.enable_cpu_mem_arena = os.environ.get("MODELFLEET_ORT_ARENA", "0") == "1"
         self._session = ort.InferenceSession(
             str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
         )
