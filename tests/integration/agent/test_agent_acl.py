@@ -1,0 +1,133 @@
+"""The example broker set-up (deploy/mosquitto): per-device passwords and a `%u` ACL on a real mosquitto."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from agent_harness import REPO, Controller, RegistryHandle, wait_until  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.mqtt
+PASSWORDS = {"modelfleet-controller": "ctl-secret", "dev-a": "a-secret", "dev-b": "b-secret"}
+
+
+@pytest.fixture
+def secured_broker(mosquitto: Any, tmp_path: Path) -> Iterator[Any]:
+    """mosquitto with the shipped ACL and a password file made by mosquitto_passwd."""
+    mosquitto.stop()
+    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    passwords = tmp_path / "passwords"
+    passwords.touch()
+    for user, password in PASSWORDS.items():
+        subprocess.run([tool, "-b", str(passwords), user, password], check=True, capture_output=True)
+    acl = tmp_path / "acl"
+    shutil.copy(REPO / "deploy" / "mosquitto" / "acl", acl)
+    broker = type(mosquitto)(
+        tmp_path / "secured",
+        extra_config=f"allow_anonymous false\nuser root\npassword_file {passwords}\nacl_file {acl}\n",
+    )
+    broker.workdir.mkdir()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class Device:
+    """A bare MQTT client logged in as one device."""
+
+    def __init__(self, port: int, user: str, password: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.granted: dict[int, tuple[int, ...]] = {}
+        self.connack: int | None = None
+        self.connected = threading.Event()
+        self.client = mqtt.Client(client_id=f"{user}-probe", clean_session=True)
+        self.client.username_pw_set(user, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.client.on_subscribe = lambda c, u, mid, qos: self.granted.__setitem__(mid, tuple(qos))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: int) -> None:
+        self.connack = rc
+        self.connected.set()
+
+    def subscribe(self, topic: str) -> int:
+        _, mid = self.client.subscribe(topic, qos=1)
+        granted = wait_until(lambda: self.granted.get(mid), 10, f"SUBACK for {topic}")
+        return int(granted[0])
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_device_cannot_read_or_write_another_devices_topics(secured_broker: Any) -> None:
+    controller = Controller(secured_broker.port, "modelfleet-controller", PASSWORDS["modelfleet-controller"]).start()
+    a = Device(secured_broker.port, "dev-a", PASSWORDS["dev-a"])
+    b = Device(secured_broker.port, "dev-b", PASSWORDS["dev-b"])
+    try:
+        assert a.connected.wait(10) and b.connected.wait(10)
+        assert a.connack == 0 and b.connack == 0
+        # reading: mosquitto 2.0 may grant A's subscription to B's topics, but the ACL is
+        # checked per message, so nothing of B's is ever delivered to A
+        a.subscribe("modelfleet/v1/dev-b/desired")
+        a.subscribe("modelfleet/v1/+/commands")
+        assert b.subscribe("modelfleet/v1/dev-b/desired") == 1
+        assert a.subscribe("modelfleet/v1/dev-a/desired") == 1
+        controller.publish_raw("modelfleet/v1/dev-b/desired", b'{"secret": "for b"}', retain=True)
+        controller.publish_raw("modelfleet/v1/dev-a/desired", b'{"for": "a"}', retain=True)
+        wait_until(lambda: any(t.endswith("dev-a/desired") for t, _ in a.messages), 10, "A's own desired")
+        wait_until(lambda: any(t.endswith("dev-b/desired") for t, _ in b.messages), 10, "B's own desired")
+        controller.publish_raw("modelfleet/v1/dev-b/commands", b'{"for": "b"}')
+        controller.publish_raw("modelfleet/v1/dev-a/commands", b'{"for": "a"}')
+        wait_until(lambda: any(t.endswith("dev-a/commands") for t, _ in a.messages), 10, "A's own command")
+        assert all("dev-b" not in topic for topic, _ in a.messages)
+
+        # writing: A's publish on B's reported topic never reaches anyone; its own does
+        a.publish("modelfleet/v1/dev-b/reported", b"forged by a")
+        a.publish("modelfleet/v1/dev-b/desired", b"forged by a")
+        a.publish("modelfleet/v1/dev-a/presence", b'{"device_id": "dev-a", "online": true}')
+        wait_until(lambda: controller.presence.get("dev-a"), 10, "A's own presence")
+        assert "dev-b" not in controller.reported
+        assert all(payload != b"forged by a" for _, payload in b.messages)
+    finally:
+        a.close()
+        b.close()
+        controller.stop()
+
+
+def test_wrong_password_is_refused(secured_broker: Any) -> None:
+    intruder = Device(secured_broker.port, "dev-a", "guessed")
+    try:
+        assert intruder.connected.wait(10)
+        assert intruder.connack in (4, 5)  # bad user name or password / not authorised
+    finally:
+        intruder.close()
+
+
+def test_agent_runs_under_the_acl_with_its_own_credentials(
+    secured_broker: Any, artifact_registry: RegistryHandle, agents: Any, digits_onnx: Path, tmp_path: Path,
+) -> None:
+    controller = Controller(secured_broker.port, "modelfleet-controller", PASSWORDS["modelfleet-controller"]).start()
+    secret = tmp_path / "dev-a.password"
+    secret.write_text(PASSWORDS["dev-a"] + "\n")
+    try:
+        v1 = artifact_registry.register("digits", digits_onnx)
+        agents("dev-a", secured_broker.port, broker_password_file=str(secret))
+        report = controller.wait_reported("dev-a", controller.desire("dev-a", v1), "applied")
+        assert report.active is not None and report.active.version == 1
+        wait_until(lambda: controller.telemetry_records("dev-a"), 15, "telemetry through the ACL")
+        reply = controller.command("dev-a", "get-state")
+        assert reply.ok
+    finally:
+        controller.stop()
