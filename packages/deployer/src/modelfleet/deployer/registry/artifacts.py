@@ -63,6 +63,23 @@ def write_deterministic_tar(folder: Path, out: BinaryIO) -> None:
             tar.add(entry, arcname=arcname, recursive=False, filter=_tar_filter)
 
 
+class _HashingWriter:
+    """Hashes what it writes, so a blob is read once, not written and read back."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:  # tarfile asks for the position when it opens a stream
+        return self.size
+
+
 class BlobStore:
     """Blobs addressed by sha256 under `root`."""
 
@@ -96,23 +113,19 @@ class BlobStore:
         fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=self.blobs)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "w+b") as out:
+            with os.fdopen(fd, "wb") as raw:
+                out = _HashingWriter(raw)
                 if fmt == "tar":
-                    write_deterministic_tar(source, out)
+                    write_deterministic_tar(source, out)  # type: ignore[arg-type]
                 else:
                     try:
                         with source.open("rb") as src:
                             shutil.copyfileobj(src, out, _CHUNK)
                     except OSError as exc:
                         raise ArtifactError(f"cannot read model file {source}: {exc}") from exc
-                out.flush()
-                os.fsync(out.fileno())
-                out.seek(0)
-                digest = hashlib.sha256()
-                size = 0
-                while chunk := out.read(_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
+                raw.flush()
+                os.fsync(raw.fileno())
+            digest, size = out.digest, out.size
             sha = digest.hexdigest()
             final = self.path(sha)
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -83,8 +83,12 @@ def check_entry_script(spec: ServiceSpec) -> None:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the server binds: connections of a previous server on this port may
+        # linger in TIME_WAIT, which must not count as "taken"; a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen(1)
         except OSError:
             return False
     return True

@@ -1,0 +1,170 @@
+"""Deployer figures on the local target and the registry, each beside a same-run baseline.
+
+1. Update under load: `modelfleet service update` (hot-swap through the admin
+   endpoint) vs the baseline a user would do without it (delete, then deploy
+   the new version on the same port). Figures: failed requests and the
+   longest time with no successful answer.
+2. Register: `Registry.register` of a large file vs the baseline of copying
+   it and hashing it (`shutil.copyfile` + sha256), the least any store must do.
+3. Download: the artifact server over HTTP vs reading the blob from disk.
+
+    .venv/bin/python benchmarks/deployer_local.py [--clients 4] [--size-mb 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from modelfleet.deployer.config import load_deployment_config, load_inference_config
+from modelfleet.deployer.registry import Registry
+from modelfleet.deployer.registry.server import ArtifactServer
+from modelfleet.deployer.samples import digits_rows, make_digits_onnx
+from modelfleet.deployer.services import ServiceManager
+
+
+class Load:
+    """Closed-loop clients; counts failures and the longest gap between successes."""
+
+    def __init__(self, url: str, key: str, clients: int) -> None:
+        self.url, self.key = url, key
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = self.failed = 0
+        self.last_ok = time.monotonic()
+        self.longest_gap = 0.0
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        body = json.dumps({"data": digits_rows(1)}).encode()
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    good = client.post(self.url, content=body, headers=headers).status_code == 200
+                except httpx.HTTPError:
+                    good = False
+                    time.sleep(0.01)  # refused connections return at once; do not spin
+                now = time.monotonic()
+                with self.lock:
+                    if good:
+                        self.ok += 1
+                        self.longest_gap = max(self.longest_gap, now - self.last_ok)
+                        self.last_ok = now
+                    else:
+                        self.failed += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(1.0)  # let the service settle on the new version under load
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def update_figures(home: Path, clients: int) -> None:
+    registry = Registry(home)
+    tmp = home / "samples"
+    v1 = registry.register("digits", make_digits_onnx(tmp / "1" / "model.onnx")).model
+    v2 = registry.register("digits", make_digits_onnx(tmp / "2" / "model.onnx", variant=4)).model
+    manager = ServiceManager(registry)
+    deployment, _ = load_deployment_config(None, overrides={"primaryKey": "bench-key-1"})
+    inference = load_inference_config()
+
+    started = time.monotonic()
+    record = manager.deploy("bench", [v1.key], inference, deployment)
+    deploy_s = time.monotonic() - started
+    port = int(record.target_data["port"])
+    url = str(record.scoring_uri)
+    with Load(url, "bench-key-1", clients) as hot:
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        manager.update("bench", [v2.key])
+        hot_s = time.monotonic() - t0
+    manager.delete("bench")
+
+    deployment_same_port, _ = load_deployment_config(
+        None, overrides={"primaryKey": "bench-key-1", "port": port}
+    )
+    manager.deploy("bench", [v1.key], inference, deployment_same_port)
+    with Load(url, "bench-key-1", clients) as base:
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        manager.delete("bench")
+        manager.deploy("bench", [v2.key], inference, deployment_same_port)
+        base_s = time.monotonic() - t0
+    manager.delete("bench")
+
+    print(f"local deploy to ready: {deploy_s:.2f} s")
+    print(f"update under load ({clients} clients)      ok   failed  longest gap  op time")
+    print(f"  modelfleet hot-swap update     {hot.ok:7d}  {hot.failed:6d}  {hot.longest_gap * 1000:8.0f} ms  {hot_s:6.2f} s")
+    print(f"  baseline delete + redeploy     {base.ok:7d}  {base.failed:6d}  {base.longest_gap * 1000:8.0f} ms  {base_s:6.2f} s")
+
+
+def registry_figures(home: Path, size_mb: int) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    big = home / "big.bin"
+    with big.open("wb") as fh:
+        for _ in range(size_mb):
+            fh.write(os.urandom(1 << 20))
+    registry = Registry(home)
+
+    t0 = time.monotonic()
+    model = registry.register("big", big).model
+    register_s = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    shutil.copyfile(big, home / "copy.bin")
+    digest = hashlib.sha256()
+    with (home / "copy.bin").open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    copy_s = time.monotonic() - t0
+    assert digest.hexdigest() == model.sha256
+
+    with ArtifactServer(registry, token="bench") as server:
+        t0 = time.monotonic()
+        got = 0
+        with httpx.stream("GET", f"{server.url}/v1/artifacts/{model.sha256}",
+                          headers={"Authorization": "Bearer bench"}, timeout=60) as r:  # fmt: skip
+            for chunk in r.iter_bytes(1 << 20):
+                got += len(chunk)
+        http_s = time.monotonic() - t0
+    assert got == model.size
+    t0 = time.monotonic()
+    with registry.blobs.path(model.sha256).open("rb") as fh:
+        while fh.read(1 << 20):
+            pass
+    read_s = time.monotonic() - t0
+
+    print(f"register {size_mb} MiB                 {register_s:6.2f} s  ({size_mb / register_s:7.0f} MiB/s)")
+    print(f"  baseline copy + sha256        {copy_s:6.2f} s  ({size_mb / copy_s:7.0f} MiB/s)")
+    print(f"artifact server download        {http_s:6.2f} s  ({size_mb / http_s:7.0f} MiB/s)")
+    print(f"  baseline read from disk       {read_s:6.2f} s  ({size_mb / read_s:7.0f} MiB/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--size-mb", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="modelfleet-bench-") as tmp:
+        update_figures(Path(tmp) / "update", args.clients)
+        registry_figures(Path(tmp) / "registry", args.size_mb)
+
+
+if __name__ == "__main__":
+    main()
