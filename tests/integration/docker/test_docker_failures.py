@@ -128,3 +128,21 @@ def test_more_than_one_replica_is_refused(
     spec = make_spec(deployment=DeploymentConfig(replicas=3))
     with pytest.raises(DeploymentError, match="one container per service, not 3"):
         docker_target.deploy(spec, lambda _line: None)
+
+
+def test_container_killed_for_memory_names_the_limit(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
+) -> None:
+    src = script_dir(
+        tmp_path,
+        "def init():\n    global hog\n    hog = bytearray(256 * 1024 * 1024)\n    hog[::4096] = b'x' * len(hog[::4096])\n\n"
+        "def run(data):\n    return data\n",
+    )
+    spec = make_spec(
+        inference=InferenceConfig(source_directory=src, entry_script="score.py"),
+        deployment=DeploymentConfig(cpu_cores=0.5, memory_gb=0.125),
+    )
+    with pytest.raises(DeploymentError, match="killed for exceeding its memory limit") as err:
+        docker_target.deploy(spec, lambda _line: None)
+    assert "memory_gb" in err.value.hint
+    assert containers_of(docker_client, spec.name) == []

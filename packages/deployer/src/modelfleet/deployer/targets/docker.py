@@ -141,6 +141,10 @@ class DockerTarget:
             images.remove_image_if_unused(client, tag)
             raise
         progress(f"{spec.name} is ready at http://127.0.0.1:{port}/score")
+        log.info(
+            "docker deploy service=%s container=%s image=%s port=%d",
+            spec.name, container.short_id, tag, port,
+        )  # fmt: skip
         return ServiceRecord(
             name=spec.name,
             target=self.name,
@@ -180,6 +184,7 @@ class DockerTarget:
         progress(
             f"{spec.name} now serves {', '.join(f'{m.name}:{m.version}' for m in spec.models)}"
         )
+        log.info("docker update service=%s image=%s release=%s", spec.name, tag, release.id)
         data.update(image=tag, release=release.id)
         data["images"] = [*[i for i in data.get("images", []) if i != tag], tag]
         return ServiceRecord(
@@ -295,6 +300,7 @@ class DockerTarget:
             _remove_container(container)
         # Service images go with the service (unless another service uses the same
         # content); base and runtime images stay cached for the next build.
+        log.info("docker delete service=%s container=%s", record.name, name)
         tags = list(record.target_data.get("images") or [record.target_data.get("image")])
         for image in filter(None, tags):
             if images.remove_image_if_unused(client, str(image)):
@@ -325,6 +331,8 @@ class DockerTarget:
                 ports={f"{images.CONTAINER_PORT}/tcp": ("127.0.0.1", port)},
                 nano_cpus=int(d.cpu_cores * 1e9),
                 mem_limit=int(d.memory_gb * 1024**3),
+                # no swap beyond the limit: a server over budget should fail, not crawl
+                memswap_limit=int(d.memory_gb * 1024**3),
                 volumes={str(workdir): {"bind": WORKDIR_IN_CONTAINER, "mode": "ro"}},
                 labels={
                     LABEL_SERVICE: spec.name,
@@ -463,9 +471,15 @@ def _wait_ready(container: Any, port: int, progress: Progress) -> None:
             or container.attrs.get("RestartCount")
         ):
             lines = _last_lines(container)
+            oom = bool(state.get("OOMKilled"))
             raise DockerTargetError(
-                f"the container exited during start (exit code {state.get('ExitCode')}); "
-                "last log lines:\n" + "\n".join(lines)
+                f"the container exited during start (exit code {state.get('ExitCode')}"
+                + (", killed for exceeding its memory limit" if oom else "")
+                + "); last log lines:\n"
+                + "\n".join(lines),
+                hint="raise memory_gb (memoryInGB) in the deployment config"
+                if oom
+                else "fix the error in the log lines above and deploy again",
             )
         if _is_ready(port):
             return
