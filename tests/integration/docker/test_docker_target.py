@@ -82,6 +82,8 @@ def test_container_has_limits_loopback_port_labels_and_readonly_workdir(
     host = attrs["HostConfig"]
     assert host["NanoCpus"] == 500_000_000
     assert host["Memory"] == 512 * 1024 * 1024
+    assert host["MemorySwap"] == host["Memory"], "no swap beyond the memory limit"
+    assert host["Init"] is True
     assert host["RestartPolicy"]["Name"] == "unless-stopped"
     bindings = host["PortBindings"]["5001/tcp"]
     assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(record.target_data["port"])}]
