@@ -326,13 +326,16 @@ class ModelStore:
 def safe_extract(archive: Path, target: Path) -> None:
     """Unpack a tar into `target`, refusing any member that could land outside it.
 
-    Python's "data" filter rejects absolute paths, `..` escapes, links pointing
-    outside, device and fifo members, and drops set-uid bits; the first refused
-    member aborts the whole install.
+    Absolute names are refused outright (the registry never writes them); Python's
+    "data" filter then rejects `..` escapes, links pointing outside, device and
+    fifo members, and drops set-uid bits. The first refused member aborts the
+    whole install.
     """
     try:
         with tarfile.open(archive, "r:") as tar:
             for member in tar.getmembers():
+                if member.name.startswith("/") or ".." in Path(member.name).parts:
+                    raise ArtifactError("install", f"unsafe archive member {member.name!r}: path leaves the folder")
                 try:
                     tarfile.data_filter(member, str(target))
                 except tarfile.FilterError as exc:

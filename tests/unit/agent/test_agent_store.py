@@ -1,0 +1,230 @@
+"""The model store: verified, resumable, atomic installs; safe archives; signatures; disk reserve."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from agent_blobserver import BlobServer  # type: ignore[import-not-found]
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from modelfleet.agent.errors import ArtifactError, ConfigError, Superseded
+from modelfleet.agent.store import ModelStore, TrustedKeys
+
+PAYLOAD = os.urandom(300_000)
+
+
+def store_at(root: Path, server: BlobServer, **kw: object) -> ModelStore:
+    return ModelStore(root, token=server.token, **kw)  # type: ignore[arg-type]
+
+
+def test_fetch_installs_verified_file_once(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD, filename="model.onnx")
+    store = store_at(tmp_path, blob_server)
+    folder = store.fetch(ref)
+    assert (folder / "model.onnx").read_bytes() == PAYLOAD
+    assert store.installed() == [ref.sha256]
+    served = blob_server.served
+    assert store.fetch(ref) == folder  # already installed: no second download
+    assert blob_server.served == served
+
+
+def test_dropped_link_resumes_with_range_and_keeps_finished_bytes(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD)
+    blob_server.cut_after = 100_000
+    store = store_at(tmp_path, blob_server)
+    with pytest.raises(ArtifactError, match="connection closed at 100000 of 300000 bytes") as info:
+        store.fetch(ref)
+    assert info.value.transient and info.value.stage == "download"
+    assert store.partial_size(ref) == 100_000
+    assert not store.is_installed(ref)
+
+    store = store_at(tmp_path, blob_server)  # a restarted agent
+    store.fetch(ref)
+    assert blob_server.ranges[-1] == "bytes=100000-"
+    assert store.last_download.resumed_from == 100_000 and store.last_download.received == 200_000
+    assert blob_server.served == len(PAYLOAD)  # no byte fetched twice
+    assert store.partial_size(ref) == 0
+
+
+def test_sha_mismatch_is_refused_and_leaves_nothing(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD)
+    other = blob_server.add(b"x" * len(PAYLOAD))
+    lying = dataclasses.replace(ref, url=other.url)
+    store = store_at(tmp_path, blob_server)
+    with pytest.raises(ArtifactError, match="sha256 mismatch: expected") as info:
+        store.fetch(lying)
+    assert info.value.stage == "verify" and not info.value.transient
+    assert store.installed() == [] and store.partial_size(lying) == 0
+
+
+def test_size_mismatch_is_refused(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD)
+    store = store_at(tmp_path, blob_server)
+    with pytest.raises(ArtifactError, match="more than the declared size of 10 bytes"):
+        store.fetch(dataclasses.replace(ref, size=10))
+    with pytest.raises(ArtifactError, match="connection closed at 300000 of 400000 bytes"):
+        store.fetch(dataclasses.replace(ref, size=400_000))
+
+
+@pytest.mark.parametrize(
+    ("token", "path", "message", "transient"),
+    [
+        ("wrong", None, "HTTP 401", False),
+        ("t0ken", "/v1/artifacts/" + "f" * 64, "HTTP 404", False),
+    ],
+)
+def test_http_errors_are_named(
+    tmp_path: Path, blob_server: BlobServer, token: str, path: str | None, message: str, transient: bool
+) -> None:
+    ref = blob_server.add(PAYLOAD)
+    if path:
+        ref = dataclasses.replace(ref, url=f"http://127.0.0.1:{blob_server.port}{path}")
+    store = ModelStore(tmp_path, token=token)
+    with pytest.raises(ArtifactError, match=message) as info:
+        store.fetch(ref)
+    assert info.value.transient is transient
+
+
+def test_unreachable_server_is_transient(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = dataclasses.replace(blob_server.add(PAYLOAD), url="http://127.0.0.1:1/v1/artifacts/x")
+    with pytest.raises(ArtifactError, match="Connection refused") as info:
+        ModelStore(tmp_path).fetch(ref)
+    assert info.value.transient
+
+
+def test_disk_reserve_refuses_with_a_clear_reason(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD)
+    store = store_at(tmp_path, blob_server, reserve_bytes=1 << 62)
+    with pytest.raises(ArtifactError, match=r"not enough disk space for m:1: needs 300000 bytes and a reserve"):
+        store.fetch(ref)
+    assert blob_server.served == 0
+
+
+def test_cancel_abandons_the_download_but_keeps_bytes_for_later(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD)
+    cancel = threading.Event()
+    cancel.set()
+    store = store_at(tmp_path, blob_server)
+    with pytest.raises(Superseded):
+        store.fetch(ref, cancel)
+    assert not store.is_installed(ref)
+
+
+def _tar(members: list[tarfile.TarInfo], data: bytes = b"payload") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m in members:
+            if m.isreg():
+                m.size = len(data)
+                tar.addfile(m, io.BytesIO(data))
+            else:
+                tar.addfile(m)
+    return buf.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+def test_tar_is_unpacked_into_the_version_folder(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(
+        _tar([_member("model.onnx"), _member("sub/score.py")]), format="tar", entry_script="sub/score.py"
+    )
+    folder = store_at(tmp_path, blob_server).fetch(ref)
+    assert (folder / "model.onnx").read_bytes() == b"payload"
+    assert (folder / "sub" / "score.py").exists()
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (_member("../escape.txt"), "unsafe archive member '../escape.txt'"),
+        (_member("/etc/evil"), "unsafe archive member '/etc/evil'"),
+        (_member("link", tarfile.SYMTYPE, "/etc/passwd"), "unsafe archive member 'link'"),
+        (_member("link", tarfile.SYMTYPE, "../../outside"), "unsafe archive member 'link'"),
+        (_member("dev", tarfile.CHRTYPE), "unsafe archive member 'dev'"),
+    ],
+)
+def test_unsafe_tar_members_are_refused(
+    tmp_path: Path, blob_server: BlobServer, member: tarfile.TarInfo, message: str
+) -> None:
+    ref = blob_server.add(_tar([_member("model.onnx"), member]), format="tar")
+    store = store_at(tmp_path / "store", blob_server)
+    with pytest.raises(ArtifactError, match=message) as info:
+        store.fetch(ref)
+    assert info.value.stage == "install"
+    assert store.installed() == []
+    assert not (tmp_path / "escape.txt").exists()
+    assert [p.name for p in store.versions_dir.iterdir()] == []
+
+
+def test_not_a_tar_is_refused(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(b"definitely not a tar" * 100, format="tar")
+    with pytest.raises(ArtifactError, match="not a valid tar archive"):
+        store_at(tmp_path, blob_server).fetch(ref)
+
+
+def _keypair(folder: Path) -> tuple[Ed25519PrivateKey, Path]:
+    key = Ed25519PrivateKey.generate()
+    folder.mkdir(parents=True, exist_ok=True)
+    public = folder / "key.pub.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return key, public
+
+
+def test_signatures_are_checked_against_trusted_keys(tmp_path: Path, blob_server: BlobServer) -> None:
+    trusted, public = _keypair(tmp_path / "trusted")
+    stranger, _ = _keypair(tmp_path / "stranger")
+    keys = TrustedKeys.load([public])
+    ref = blob_server.add(PAYLOAD)
+    digest = bytes.fromhex(ref.sha256)
+    store = store_at(tmp_path / "store", blob_server, trusted_keys=keys)
+
+    with pytest.raises(ArtifactError, match="is unsigned and this device only accepts signed versions"):
+        store.fetch(ref)
+    forged = dataclasses.replace(ref, signature=base64.b64encode(stranger.sign(digest)).decode())
+    with pytest.raises(ArtifactError, match="does not verify with any trusted key"):
+        store.fetch(forged)
+    with pytest.raises(ArtifactError, match="signature is not valid base64"):
+        store.fetch(dataclasses.replace(ref, signature="%%%"))
+    assert blob_server.served == 0  # refused before downloading
+
+    signed = dataclasses.replace(ref, signature=base64.b64encode(trusted.sign(digest)).decode())
+    assert store.fetch(signed).is_dir()
+
+
+def test_trusted_key_file_errors_name_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError, match=r"store\.trusted_keys: cannot read public key"):
+        TrustedKeys.load([bad])
+
+
+def test_prune_keeps_only_what_is_asked(tmp_path: Path, blob_server: BlobServer) -> None:
+    store = store_at(tmp_path, blob_server)
+    a = blob_server.add(b"a" * 1000)
+    b = blob_server.add(b"b" * 1000, version=2)
+    store.fetch(a)
+    store.fetch(b)
+    store.prune({b.sha256})
+    assert store.installed() == [b.sha256]
+
+
+def test_leftover_install_folders_are_removed_at_start(tmp_path: Path) -> None:
+    leftover = tmp_path / "versions" / ".tmp-abc"
+    leftover.mkdir(parents=True)
+    ModelStore(tmp_path)
+    assert not leftover.exists()
