@@ -299,3 +299,13 @@ def test_update_to_a_broken_model_is_refused_and_the_old_version_keeps_serving(
     assert shown["state"] == "healthy" and shown["models"] == ["digits:1"]
     called = json.loads(cli("service", "call", "steady", "-d", request_body, "-o", "json").stdout)
     assert called["model_version"] == "1"
+
+
+def test_deploying_a_taken_name_is_refused(cli: Cli, digits_models: Registry) -> None:
+    first = _deploy(cli, "taken")
+    out = cli("deploy", "taken", "-m", "digits:2")
+    assert out.exit_code == 1
+    assert "error: service 'taken' already exists (state healthy)" in out.stderr
+    assert "modelfleet service update" in out.stderr  # the hint says what to do instead
+    shown = json.loads(cli("service", "show", "taken", "-o", "json").stdout)
+    assert shown["models"] == ["digits:1"] and shown["pid"] == first["pid"]

@@ -102,3 +102,17 @@ def test_a_non_ed25519_sign_key_is_refused(cli: Cli, digits_onnx: Path, tmp_path
                "--sign-key", str(tmp_path / "junk.pem"))  # fmt: skip
     assert "is not an unencrypted PEM private key" in junk.stderr
     assert json.loads(cli("model", "list", "-o", "json").stdout) == []
+
+
+def test_a_folder_model_downloads_as_the_folder(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "bundle"
+    (folder / "assets").mkdir(parents=True)
+    (folder / "score_helpers.py").write_text("X = 1\n")
+    (folder / "assets" / "labels.txt").write_text("zero\none\n")
+    shown = json.loads(cli("model", "register", "-n", "bundle", "-p", str(folder), "-o", "json").stdout)
+    assert (shown["format"], shown["framework"], shown["filename"]) == ("tar", "custom", "bundle")
+    out = cli("model", "download", "bundle:1", "--to", str(tmp_path / "out"), "-o", "json")
+    target = Path(json.loads(out.stdout)["path"])
+    assert target == tmp_path / "out" / "bundle"
+    assert (target / "assets" / "labels.txt").read_text() == "zero\none\n"
+    assert (target / "score_helpers.py").read_text() == "X = 1\n"
