@@ -161,6 +161,12 @@ def test_entry_script_deploy_serves_with_azureml_model_dir(
     called = cli("service", "call", "scripted", "--data", request_body)
     assert called.exit_code == 0, called.output
     assert json.loads(called.stdout) == {"digits": [0, 1]}
+    (tmp_path / "request.json").write_text(request_body)
+    for data in (str(tmp_path / "request.json"), f"@{tmp_path / 'request.json'}"):
+        from_file = cli("service", "call", "scripted", "--data", data)
+        assert json.loads(from_file.stdout) == {"digits": [0, 1]}
+    missing = cli("service", "call", "scripted", "--data", f"@{tmp_path / 'nope.json'}")
+    assert missing.exit_code == 1 and "error: cannot read --data file" in missing.stderr
     updated = cli("service", "update", "scripted", "-m", "digits:2")
     assert updated.exit_code == 0, updated.output
     assert json.loads(cli("service", "call", "scripted", "-d", request_body).stdout) == {

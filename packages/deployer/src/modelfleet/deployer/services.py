@@ -10,6 +10,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -38,6 +39,7 @@ from modelfleet.deployer.targets.base import (
 )
 from modelfleet.deployer.targets.local import write_atomic
 
+log = logging.getLogger(__name__)
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 KeyName = Literal["primary", "secondary"]
 
@@ -99,10 +101,12 @@ class ServiceManager:
             spec = ServiceSpec(name, bindings, inference, deployment, workdir)
             record = impl.deploy(spec, progress)
             self.registry.save_service(record)
-        except BaseException:
+        except BaseException as exc:
+            log.info("event=deploy_failed service=%s target=%s reason=%r", name, target, str(exc))
             self.registry.forget_service(name)
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        log.info("event=deployed service=%s target=%s models=%s", name, target, record.models)
         return record
 
     def update(
@@ -133,6 +137,7 @@ class ServiceManager:
             raise
         config["inference"] = to_jsonable(inf)
         self.registry.save_service(updated, config)
+        log.info("event=updated service=%s models=%s", name, updated.models)
         return updated
 
     def delete(self, name: str, progress: Progress = _quiet) -> ServiceRecord:
@@ -145,6 +150,7 @@ class ServiceManager:
             raise
         shutil.rmtree(self.registry.service_workdir(name), ignore_errors=True)
         self.registry.forget_service(name)
+        log.info("event=deleted service=%s target=%s", name, record.target)
         progress(f"deleted {name}")
         return record
 

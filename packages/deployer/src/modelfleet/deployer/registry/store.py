@@ -195,13 +195,22 @@ class Registry:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=30000")
             yield conn
+        except sqlite3.OperationalError as exc:
+            # "database is locked" after the busy timeout, a full disk, a read-only home
+            raise RegistryError(
+                f"registry database {self.db_path}: {exc}",
+                hint="another modelfleet command may hold it; retry, or check disk space",
+            ) from exc
         finally:
             conn.close()
 
