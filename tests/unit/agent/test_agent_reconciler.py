@@ -1,0 +1,153 @@
+"""The reconciler with a real ModelHost and real ONNX models: apply, retry, supersede, restore."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from agent_blobserver import BlobServer  # type: ignore[import-not-found]
+
+from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.agent.protocol import DesiredState, ReportedState
+from modelfleet.agent.reconciler import Backoff, Reconciler
+from modelfleet.agent.state import StateFile
+from modelfleet.agent.store import ModelStore
+from modelfleet.scoring import ModelHost
+
+
+class Harness:
+    def __init__(self, root: Path, server: BlobServer, **store_kw: object) -> None:
+        self.reports: list[ReportedState] = []
+        self.host = ModelHost()
+        self.store = ModelStore(root / "models", token=server.token, **store_kw)  # type: ignore[arg-type]
+
+        async def report(state: ReportedState) -> None:
+            self.reports.append(state)
+
+        self.reconciler = Reconciler(
+            device_id="dev", store=self.store, host=self.host, state_file=StateFile(root / "state.json"),
+            report=report, backoff=Backoff(0.05, 0.2),
+        )
+
+    async def until(self, check: Callable[[], bool], timeout: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not check():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out; reports: {self.reports[-3:]}"
+            await asyncio.sleep(0.01)
+
+    def reported(self, version: int, status: str) -> bool:
+        return bool(self.reports) and self.reports[-1].version == version and self.reports[-1].status == status
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def onnx_ref(server: BlobServer, path: Path, version: int) -> ModelVersionRef:
+    return server.add(path.read_bytes(), name="digits", version=version, filename="model.onnx")
+
+
+def test_apply_persists_and_a_restart_serves_the_same_version(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+
+    async def first() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, v1))
+        await h.until(lambda: h.reported(1, "applied"))
+        h.reconciler.on_desired(DesiredState(2, v2))
+        await h.until(lambda: h.reported(2, "applied"))
+        assert h.host.active is not None and h.host.active.version == "2"
+        assert [r.stage for r in h.reports if r.status == "applying"] == ["download", "load"] * 2
+        task.cancel()
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "2"
+        assert h.reconciler.state.previous == v1
+        task = asyncio.create_task(h.reconciler.run())
+        served = blob_server.served
+        h.reconciler.on_desired(DesiredState(2, v2))  # the retained desired state again
+        await h.until(lambda: h.reported(2, "applied"))
+        assert blob_server.served == served and not [r for r in h.reports if r.status == "applying"]
+        task.cancel()
+
+    run(first)
+    run(restarted)
+
+
+def test_transient_failure_is_retried_with_backoff_and_resumes(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path
+) -> None:
+    v1 = onnx_ref(blob_server, digits_onnx, 1)
+    blob_server.cut_after = 1000
+
+    async def go() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, v1))
+        await h.until(lambda: h.reported(1, "applied"))
+        retry = [r for r in h.reports if r.attempt == 1 and r.reason]
+        assert retry and "retry in 0.1s" in (retry[0].reason or "") and retry[0].status == "applying"
+        assert h.store.last_download.resumed_from == 1000
+        task.cancel()
+
+    run(go)
+
+
+def test_newer_desired_state_supersedes_a_download_in_progress(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    slow = blob_server.add(b"\0" * 2_000_000, name="slow", version=1)
+    v2 = onnx_ref(blob_server, digits_onnx_v2, 2)
+
+    async def go() -> None:
+        h = Harness(tmp_path, blob_server, rate_limit_bps=1_000_000)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, slow))
+        await h.until(lambda: h.store.partial_size(slow) > 0)
+        h.reconciler.on_desired(DesiredState(2, v2))
+        h.reconciler.on_desired(DesiredState(1, slow))  # stale: ignored
+        await h.until(lambda: h.reported(2, "applied"), timeout=10)
+        assert not [r for r in h.reports if r.version == 1 and r.status != "applying"]
+        assert h.host.active is not None and h.host.active.name == "digits"
+        assert h.store.partial_size(slow) == 0  # pruned: no longer wanted
+        task.cancel()
+
+    run(go)
+
+
+def test_restore_falls_back_to_previous_when_active_is_gone(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+
+    async def apply_both() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, v1))
+        await h.until(lambda: h.reported(1, "applied"))
+        h.reconciler.on_desired(DesiredState(2, v2))
+        await h.until(lambda: h.reported(2, "applied"))
+        task.cancel()
+
+    async def restore() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "1"
+        assert h.reconciler.state.active == v1 and h.reconciler.state.previous is None
+
+    run(apply_both)
+    shutil.rmtree(tmp_path / "models" / "versions" / v2.sha256)
+    run(restore)
+
+
+@pytest.mark.parametrize(("attempt", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)])
+def test_backoff_is_exponential_and_capped(attempt: int, delay: float) -> None:
+    assert Backoff(1.0, 60.0).delay(attempt) == delay

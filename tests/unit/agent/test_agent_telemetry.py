@@ -1,0 +1,74 @@
+"""Telemetry: the bounded on-disk queue, per-interval records and histogram percentiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from modelfleet.agent.telemetry import TelemetryCollector, TelemetryQueue, percentile
+from modelfleet.scoring.metrics import ScoringMetrics
+
+
+def test_queue_keeps_order_and_survives_reopen(tmp_path: Path) -> None:
+    q = TelemetryQueue(tmp_path)
+    for i in range(5):
+        q.append({"n": i})
+    q.ack([seq for seq, _ in q.peek(2)])
+    reopened = TelemetryQueue(tmp_path)
+    assert [rec["n"] for _, rec in reopened.peek(10)] == [2, 3, 4]
+    assert reopened.append({"n": 5}) == 6  # seq continues, never reused
+
+
+def test_seq_survives_a_fully_drained_queue(tmp_path: Path) -> None:
+    q = TelemetryQueue(tmp_path)
+    q.append({})
+    q.append({})
+    q.ack([1, 2])
+    assert TelemetryQueue(tmp_path).append({}) == 3
+
+
+def test_bound_drops_oldest_and_counts_them(tmp_path: Path) -> None:
+    q = TelemetryQueue(tmp_path, max_records=3)
+    for i in range(7):
+        q.append({"n": i})
+    records = [rec for _, rec in q.peek(10)]
+    assert [r["n"] for r in records] == [4, 5, 6]
+    assert q.dropped == 4
+    assert records[-1]["dropped"] == 3  # stamped when written (before its own append pushed one out)
+    assert TelemetryQueue(tmp_path, max_records=3).dropped == 4
+
+
+def test_byte_bound(tmp_path: Path) -> None:
+    q = TelemetryQueue(tmp_path, max_bytes=1000)
+    for _ in range(20):
+        q.append({"blob": "x" * 200})
+    assert q.size_bytes <= 1000 and q.dropped > 0
+
+
+def test_percentile_interpolates_inside_buckets() -> None:
+    buckets = [0.001, 0.01, 0.1]
+    assert percentile(buckets, [0, 0, 0, 0], 0.5) is None
+    assert percentile(buckets, [10, 0, 0, 0], 0.5) == 0.0005
+    assert percentile(buckets, [50, 49, 1, 0], 0.99) == pytest.approx(0.01)
+    assert percentile(buckets, [0, 0, 10, 0], 0.5) == pytest.approx(0.055)
+
+
+def test_collector_reports_interval_deltas_and_swaps(tmp_path: Path) -> None:
+    metrics = ScoringMetrics()
+    swaps: list[dict[str, Any]] = [{"to": "m:2", "ok": True}]
+    collector = TelemetryCollector("dev", metrics.snapshot, lambda: swaps.copy())
+    metrics.set_active("m", "1")
+    for _ in range(3):
+        metrics.observe(200, 0.002)
+    metrics.observe(500, 0.02)
+    first = collector.collect()
+    assert first["requests"] == 4 and first["errors"] == 1
+    assert first["model"] == {"name": "m", "version": "1"}
+    assert first["swaps"] == swaps and first["rss_bytes"] > 0
+    assert 0.001 < first["latency"]["p50"] <= 0.0025
+    second = collector.collect()
+    assert second["requests"] == 0 and second["latency"]["p50"] is None
+    msgpack.packb(second)  # encodable as is
