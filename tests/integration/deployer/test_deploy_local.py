@@ -315,3 +315,21 @@ def test_deploying_a_taken_name_is_refused(cli: Cli, digits_models: Registry) ->
     assert "modelfleet service update" in out.stderr  # the hint says what to do instead
     shown = json.loads(cli("service", "show", "taken", "-o", "json").stdout)
     assert shown["models"] == ["digits:1"] and shown["pid"] == first["pid"]
+
+
+def test_az_ml_model_deploy_spelling_works(
+    cli: Cli, digits_models: Registry, tmp_path: Path
+) -> None:
+    ic = tmp_path / "inferenceconfig.json"
+    ic.write_text(json.dumps({"runtime": "python"}))
+    dc = tmp_path / "deploymentconfig.json"
+    dc.write_text(json.dumps({"computeType": "local", "authEnabled": False}))
+    out = cli("model", "deploy", "-m", "digits:2", "-n", "azstyle", "-ic", str(ic), "-dc", str(dc))
+    assert out.exit_code == 0, out.output
+    assert "auth_enabled  False" in out.stdout
+    shown = json.loads(cli("service", "show", "azstyle", "-o", "json").stdout)
+    assert httpx.post(str(shown["scoring_uri"]), json={"data": [[0.0] * 64]}).status_code == 200
+    no_keys = cli("service", "keys", "azstyle")
+    assert no_keys.exit_code == 1 and "has authentication disabled" in no_keys.stderr
+    lines = cli("service", "logs", "azstyle", "-o", "json", "--tail", "2").stdout.splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["service"] == "azstyle"

@@ -68,6 +68,8 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(docker.app, name="docker")
 app.add_typer(fleet.app, name="fleet")
 app.command("deploy")(deploy)
+# `az ml model deploy -m NAME:VER -n SERVICE -ic ... -dc ...` translates word for word.
+model.app.command("deploy", help="Same as `modelfleet deploy` (az ml model deploy).")(deploy)
 app.command("quickstart")(quickstart)
 
 

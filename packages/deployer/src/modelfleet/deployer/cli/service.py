@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,16 @@ def logs(
     service: str = typer.Argument(...),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines"),
     tail: int = typer.Option(0, "--tail", help="only the last N lines (0: all)"),
+    output: OutputFormat = typer.Option(
+        OutputFormat.table, "--output", "-o", help="table: raw lines; json: one JSON object a line"
+    ),
 ) -> None:
     """Print the service's log."""
-    lines = _manager().logs(service, follow)
+    lines: Iterable[str] = _manager().logs(service, follow)
     if tail and not follow:
-        for line in list(lines)[-tail:]:
-            typer.echo(line)
-        return
+        lines = list(lines)[-tail:]
     for line in lines:
-        typer.echo(line)
+        typer.echo(json.dumps({"service": service, "line": line}) if output is OutputFormat.json else line)
 
 
 @app.command()
