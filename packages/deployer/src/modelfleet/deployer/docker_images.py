@@ -243,20 +243,23 @@ def resolve_base_image(client: Any, base_image: str | None, progress: Progress) 
 # ------------------------------------------------------------------------ runtime
 
 _RUNTIME_DOCKERFILE = """\
-FROM {base} AS build
+FROM {base} AS deps
 RUN python3 -m venv {venv}
 COPY deps/ /wheels/deps/
 RUN {venv}/bin/pip install --no-cache-dir --no-index --progress-bar off \\
     --find-links /wheels/deps -r /wheels/deps/requirements.txt
-COPY local/ /wheels/local/
-RUN {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off /wheels/local/*.whl
 COPY user/ /wheels/user/
 RUN if [ -s /wheels/user/requirements.txt ]; then \\
     {venv}/bin/pip install --no-cache-dir --no-index --progress-bar off \\
     --find-links /wheels/user --find-links /wheels/deps -r /wheels/user/requirements.txt; fi
 
 FROM {base}
-COPY --from=build {venv} {venv}
+# Cached while the locked and user dependencies stay the same; only the small
+# layers below change with modelfleet-scoring's own sources.
+COPY --from=deps {venv} {venv}
+COPY local/ /tmp/modelfleet-wheels/
+RUN {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off \\
+    /tmp/modelfleet-wheels/*.whl && rm -rf /tmp/modelfleet-wheels
 ENV PATH={venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
     PYTHONUNBUFFERED=1 \\
     LANG=C.UTF-8
@@ -273,7 +276,7 @@ def ensure_runtime_image(
     """Base + a venv with modelfleet-scoring and the user's requirements, offline."""
     base_id = client.images.get(base).id
     dockerfile = _RUNTIME_DOCKERFILE.format(base=base_id, venv=VENV_DIR)
-    key = _hash(["runtime-v2", base_id, scoring.key, user.key if user else "", dockerfile])
+    key = _hash(["runtime-v3", base_id, scoring.key, user.key if user else "", dockerfile])
     tag = f"{RUNTIME_REPO}:{key[:16]}"
     if _image_exists(client, tag):
         progress(f"runtime image {tag} is cached")
