@@ -175,3 +175,23 @@ def test_entry_script_with_model_dir_relative_lookup(start_server, tmp_path, dig
     server = start_server(ModelSpec(bundle, "score.py"))
     r = httpx.post(server.url + "/score", json={"data": digits_rows[:2]})
     assert r.json() == [0, 1]
+
+
+def test_swapped_script_versions_use_their_own_helper_modules(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bundles = []
+    for version in ("1", "2"):
+        folder = tmp_path / f"v{version}"
+        folder.mkdir()
+        (folder / "mf_test_helper.py").write_text(f"VERSION = {version!r}\n")
+        (folder / "score.py").write_text(
+            "import mf_test_helper\n\ndef init():\n    pass\n\n"
+            "def run(data):\n    return {'helper': mf_test_helper.VERSION}\n"
+        )
+        bundles.append(folder)
+    server = start_server(ModelSpec(bundles[0], "score.py", version="1"))
+    with server.client() as c:
+        assert c.post("/score", json={}).json() == {"helper": "1"}
+        server.host.load(ModelSpec(bundles[1], "score.py", version="2"))
+        assert c.post("/score", json={}).json() == {"helper": "2"}
+        server.host.load(ModelSpec(bundles[0], "score.py", version="3"))
+        assert c.post("/score", json={}).json() == {"helper": "1"}

@@ -27,6 +27,8 @@ from .base import RawResponse, ScoreInput, Signature, is_msgpack
 _counter = itertools.count(1)
 # init() reads the model folder from the process environment, so loads run one at a time.
 _env_lock = threading.Lock()
+# folders of loaded entry scripts (a multiset would be exact; versions rarely share one)
+_script_dirs: set[str] = set()
 
 
 class EntryScriptRuntime:
@@ -56,9 +58,12 @@ class EntryScriptRuntime:
         with _env_lock:
             os.environ["MODELFLEET_MODEL_DIR"] = str(self.model_dir)
             os.environ["AZUREML_MODEL_DIR"] = str(self.model_dir)
-            if script_dir not in sys.path:
-                # helper modules next to score.py import as they do on Azure ML
-                sys.path.insert(0, script_dir)
+            # helper modules next to score.py import as they do on Azure ML; another
+            # version's folder must not shadow them, nor its cached helper modules
+            while script_dir in sys.path:
+                sys.path.remove(script_dir)
+            sys.path.insert(0, script_dir)
+            _forget_helpers_outside(script_dir)
             raw_flags = _raw_flag_modules()
             for mod in raw_flags:
                 setattr(mod, "_rawHttpRequested", False)  # noqa: B010
@@ -82,6 +87,8 @@ class EntryScriptRuntime:
                     raise ModelLoadError("load", f"init() raised {_describe(exc)}") from exc
         self.module = module
         self._run = run
+        with _env_lock:
+            _script_dirs.add(script_dir)
         self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
         self._signature = self._read_schema(run)
 
@@ -168,8 +175,48 @@ class EntryScriptRuntime:
     def close(self) -> None:
         if self.module is not None:
             sys.modules.pop(self.module.__name__, None)
+            script_dir = str(self.script.parent.resolve())
+            with _env_lock:
+                _script_dirs.discard(script_dir)
+                if script_dir not in _script_dirs:
+                    while script_dir in sys.path:
+                        sys.path.remove(script_dir)
+                    _forget_modules_in(script_dir)
         self.module = None
         self._run = None
+
+
+def _forget_modules_in(folder: str) -> None:
+    """Drop modules imported from an entry script's folder (helpers beside score.py).
+
+    Modules under another import root inside that folder (a venv, a src/ tree:
+    any more specific sys.path entry) are libraries, not helpers, and stay.
+    """
+    prefix = folder.rstrip(os.sep) + os.sep
+    roots = tuple(
+        p.rstrip(os.sep) + os.sep
+        for p in (os.path.abspath(e) for e in sys.path if e)
+        if p.startswith(prefix)
+    )
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if (
+            file
+            and file.startswith(prefix)
+            and not file.startswith(roots)
+            and not name.startswith("modelfleet.")
+        ):
+            sys.modules.pop(name, None)
+
+
+def _forget_helpers_outside(folder: str) -> None:
+    """Drop cached helper modules of other entry-script folders so `import helper` finds ours.
+
+    The other version keeps working: its code holds references to its own modules.
+    """
+    for other in list(_script_dirs):
+        if other != folder:
+            _forget_modules_in(other)
 
 
 def _raw_flag_modules() -> list[types.ModuleType]:
