@@ -101,7 +101,10 @@ def main() -> None:
         spec = ServiceSpec("bench-docker", (v1,), InferenceConfig(), deployment, tmp / "svc")
 
         t = time.perf_counter()
-        target.build(spec, quiet)  # base/runtime images: cached after the first run
+        target.build(spec, quiet)  # builds what is missing: base, wheelhouse, runtime image
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        target.build(spec, quiet)  # everything cached now: hashing inputs only
         warm = time.perf_counter() - t
         src = tmp / "src"
         src.mkdir()
@@ -149,6 +152,7 @@ def main() -> None:
         target.delete(record, quiet)
 
     print(f"{'figure':44} {'value':>12}")
+    print(f"{'first build in this run (what was missing) (s)':44} {first:12.2f}")
     print(f"{'build check, all images cached (s)':44} {warm:12.2f}")
     print(f"{'service image build, new content (s)':44} {fresh_build:12.2f}")
     print(f"{'service image, unchanged spec (s)':44} {cached_build:12.2f}")
