@@ -146,3 +146,22 @@ def test_fast_script_moves_inline_and_a_slow_call_moves_it_back(start_server, sl
         for _ in range(PROMOTE_AFTER):
             c.post("/score", json={"sleep_ms": 0})
         assert not model.inline
+
+
+def test_head_gets_headers_only_and_stop_drains_requests_in_progress(start_server, slow_spec) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    server = start_server(slow_spec)
+    head = httpx.head(server.url + "/v2/health/ready")
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(b'{"ready":true}')
+
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, server.url + "/score", json={"sleep_ms": 400}, timeout=30)
+        deadline = time.monotonic() + 10
+        while server.server.pending < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop).result(10)
+        assert slow.result().json() == {"slept_ms": 400}
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/v2/health/live")

@@ -73,3 +73,15 @@ def test_azureml_shim_serves_the_import_paths_only_when_missing() -> None:
     assert request.args == {"a": "1", "b": ""}
     assert request.headers["content-type"] == "application/json"
     assert request.get_json() == {"x": 2} and request.get_data(as_text=True) == '{"x": 2}'
+
+
+def test_missing_tflite_runtime_is_a_clear_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfleet.scoring import ModelLoadError
+    from modelfleet.scoring.runtimes import tflite
+
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.raises(ModelLoadError) as info:
+        tflite.interpreter_class()
+    assert info.value.stage == "load"
+    assert "no TFLite runtime installed" in info.value.reason

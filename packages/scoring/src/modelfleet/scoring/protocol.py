@@ -188,6 +188,8 @@ class HttpConnection(asyncio.Protocol):
     def _dispatch(self, request: Request) -> None:
         result = self._handler(request)
         if type(result) is bytes:
+            if request.method == "HEAD":
+                result = result[: result.find(b"\r\n\r\n") + 4]
             self._write(result, request.keep_alive)
             return
         self._busy = True
@@ -217,6 +219,11 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.write(self._error(status, message))
             self._transport.close()
+
+    @property
+    def busy(self) -> bool:
+        """A request on this connection is waiting for its response."""
+        return self._busy or bool(self._queue)
 
     def close(self) -> None:
         """Close now (server shutdown)."""

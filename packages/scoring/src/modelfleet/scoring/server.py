@@ -113,10 +113,14 @@ class ScoringServer:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("event=listening host=%s port=%d", self.settings.host, self.port)
 
-    async def stop(self) -> None:
-        """Stop listening, close connections and the thread pool."""
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Stop listening, let requests in progress finish (up to drain_s), close connections."""
         if self._server is not None:
             self._server.close()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain_s
+            while any(c.busy for c in self._connections) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
             for conn in list(self._connections):
                 conn.close()
             await self._server.wait_closed()
@@ -422,5 +426,5 @@ class ScoringServer:
     def _json(
         req: Request, rid: str, status: int, payload: Any, extra: list[tuple[str, str]] | None = None
     ) -> bytes:
-        body = b"" if req.method == "HEAD" else orjson.dumps(payload, default=_json_default, option=_JSON_OPTS)
+        body = orjson.dumps(payload, default=_json_default, option=_JSON_OPTS)
         return render(status, body, JSON, rid, extra, close=not req.keep_alive)
