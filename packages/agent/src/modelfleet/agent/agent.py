@@ -127,6 +127,7 @@ class Agent:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        self.reconciler.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -171,7 +172,10 @@ class Agent:
     async def _telemetry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.telemetry_interval_s)
-            self.queue.append(self.collector.collect())
+            try:
+                self.queue.append(self.collector.collect())
+            except OSError as exc:  # e.g. a full disk: skip this record, keep serving
+                log.error("event=telemetry_write_failed reason=%r", str(exc))
             self._drain_wake.set()
 
     async def _drain_loop(self) -> None:

@@ -77,6 +77,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._cancel = threading.Event()
         self._lock = asyncio.Lock()  # one model change at a time (apply, rollback, restart)
+        self._stopping = False
 
     # --- inputs -------------------------------------------------------------------
     def on_desired(self, desired: DesiredState) -> None:
@@ -89,6 +90,11 @@ class Reconciler:
 
     async def on_bad_desired(self, reason: str) -> None:
         await self._report("failed", None, stage="desired", reason=reason)
+
+    def stop(self) -> None:
+        """Abandon any download in progress (its bytes stay for a resume); called on shutdown."""
+        self._stopping = True
+        self._cancel.set()
 
     # --- start-up -----------------------------------------------------------------
     async def restore(self) -> None:
@@ -132,7 +138,7 @@ class Reconciler:
 
     async def _apply_with_retries(self, desired: DesiredState) -> None:
         attempt = 0
-        while self._desired is desired:
+        while self._desired is desired and not self._stopping:
             attempt += 1
             self._cancel = threading.Event()
             try:
@@ -146,15 +152,22 @@ class Reconciler:
                 if not exc.transient:
                     await self._refuse(desired, exc.stage, exc.reason)
                     return
-                delay = self.backoff.delay(attempt)
-                log.warning(
-                    "event=apply_retry version=%d stage=%s attempt=%d delay_s=%.1f reason=%r",
-                    desired.version, exc.stage, attempt, delay, exc.reason,
-                )
-                await self._report("applying", desired.version, stage=exc.stage,
-                                   reason=f"{exc.reason} (retry in {delay:.1f}s)", attempt=attempt)
-                with contextlib.suppress(TimeoutError):  # a newer desired state ends the wait early
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                failure: ApplyError = exc
+            except Exception as exc:
+                # a bug or an unexpected OS error: keep serving, retry later rather than die
+                log.exception("event=apply_crashed version=%d", desired.version)
+                failure = ApplyError("agent", f"{type(exc).__name__}: {exc}", transient=True)
+            if self._stopping:
+                return
+            delay = self.backoff.delay(attempt)
+            log.warning(
+                "event=apply_retry version=%d stage=%s attempt=%d delay_s=%.1f reason=%r",
+                desired.version, failure.stage, attempt, delay, failure.reason,
+            )
+            await self._report("applying", desired.version, stage=failure.stage,
+                               reason=f"{failure.reason} (retry in {delay:.1f}s)", attempt=attempt)
+            with contextlib.suppress(TimeoutError):  # a newer desired state ends the wait early
+                await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _apply(self, desired: DesiredState, attempt: int) -> None:
         ref = desired.model
