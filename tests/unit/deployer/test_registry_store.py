@@ -183,3 +183,19 @@ def test_temp_files_of_long_dead_registers_are_swept(home: Path, digits_onnx: Pa
     os.utime(stale, (old, old))
     reg.register("other", digits_onnx)
     assert not stale.exists() and fresh.exists()  # a live register's temp file is left alone
+
+
+def test_same_bytes_under_two_file_names_each_get_their_own_model_folder(
+    home: Path, digits_onnx: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "renamed.onnx"
+    other.write_bytes(digits_onnx.read_bytes())
+    reg = Registry()
+    a = reg.binding(reg.register("a", digits_onnx).model)
+    b = reg.binding(reg.register("b", other).model)
+    assert a.sha256 == b.sha256
+    assert [p.name for p in a.path.parent.iterdir()] == ["model.onnx"]
+    assert [p.name for p in b.path.parent.iterdir()] == ["renamed.onnx"]
+    reg.delete_model("a", 1)
+    reg.delete_model("b", 1)
+    assert list((home / "unpacked").iterdir()) == []

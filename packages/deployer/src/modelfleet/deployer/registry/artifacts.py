@@ -160,7 +160,9 @@ class BlobStore:
         For a file: `unpacked/<sha>/<filename>` (the returned path is the file);
         for a tar: the unpacked folder. Shared by every service using it.
         """
-        folder = self.unpacked / sha256
+        # A file is keyed by its name too: the same bytes registered as a.onnx
+        # and b.onnx must each sit alone in their folder (the server's model dir).
+        folder = self.unpacked / (f"{sha256}-{filename}" if fmt == "file" else sha256)
         result = folder / filename if fmt == "file" else folder
         if folder.is_dir():
             return result
@@ -186,7 +188,9 @@ class BlobStore:
 
     def remove(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
-        shutil.rmtree(self.unpacked / sha256, ignore_errors=True)
+        if self.unpacked.is_dir():
+            for folder in self.unpacked.glob(f"{sha256}*"):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def export(self, sha256: str, fmt: ArtifactFormat, filename: str, dest: Path) -> Path:
         """Copy the artifact to `dest` (a folder): the file, or the unpacked folder."""

@@ -29,7 +29,6 @@ from modelfleet.deployer.errors import (
 )
 from modelfleet.deployer.home import modelfleet_home
 from modelfleet.deployer.registry.artifacts import ArtifactFormat, BlobStore
-from modelfleet.deployer.registry.signing import load_private_key, sign_digest
 from modelfleet.deployer.targets.base import ModelBinding, ServiceRecord
 
 FRAMEWORKS = ("onnx", "tflite", "sklearn", "custom")
@@ -248,9 +247,12 @@ class Registry:
             raise RegistryError(
                 f"unknown framework {framework!r}", hint=f"use one of: {', '.join(FRAMEWORKS)}"
             )
-        key = load_private_key(sign_key) if sign_key is not None else None
+        # cryptography is imported only when signing: it is a slow import for every CLI call.
+        from modelfleet.deployer.registry import signing
+
+        key = signing.load_private_key(sign_key) if sign_key is not None else None
         stored = self.blobs.put(path)
-        signature = sign_digest(key, stored.sha256) if key is not None else None
+        signature = signing.sign_digest(key, stored.sha256) if key is not None else None
         now = time.time()
         with self._write() as conn:
             same = conn.execute(
