@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from contextlib import suppress
 
 from .errors import ModelLoadError
@@ -74,6 +75,26 @@ def serve(settings: ServerSettings) -> int:
     return worst
 
 
+async def _load_in_passing_thread(host: ModelHost, spec: ModelSpec) -> None:
+    """The first load, on a thread that then exits (its stack and arena go back to the OS).
+
+    The loop's default executor would keep an idle thread for the process's life.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def work() -> None:
+        try:
+            host.load(spec)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=work, name="modelfleet-load", daemon=True).start()
+    await done
+
+
 def _release_free_memory() -> None:
     """Hand memory freed while loading (model bytes, parse buffers) back to the OS."""
     try:
@@ -111,7 +132,7 @@ async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
     if sock is None:
         await server.start()
     try:
-        await host.aload(spec)
+        await _load_in_passing_thread(host, spec)
     except ModelLoadError as exc:
         log.error("event=startup_failed stage=%s reason=%r", exc.stage, exc.reason)
         await server.stop()
