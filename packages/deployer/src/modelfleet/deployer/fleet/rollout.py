@@ -109,6 +109,13 @@ def stage_sizes(total: int, stages: list[int]) -> list[int]:
     return sizes
 
 
+@dataclass
+class _StageCache:
+    stage: int
+    cursor: int
+    pending: dict[str, int]  # device -> the desired `$version` it was sent
+
+
 @dataclass(frozen=True)
 class RolloutSpec:
     name: str
@@ -138,6 +145,7 @@ class RolloutEngine:
         self.store = store
         self.backend = backend
         self.clock = clock
+        self._cache: dict[str, _StageCache] = {}
 
     # -------------------------------------------------------------- create
 
@@ -241,7 +249,8 @@ class RolloutEngine:
         self,
         name: str,
         *,
-        poll: float = 0.05,
+        poll: float = 0.25,
+        batch: float = 0.02,
         on_step: Callable[[Rollout], None] | None = None,
         deadline: float | None = None,
     ) -> Rollout:
@@ -256,62 +265,82 @@ class RolloutEngine:
                 if deadline is not None and time.monotonic() > deadline:
                     return r
                 self.backend.wait(poll)
+                # let a burst of reports accumulate: fewer, larger steps leave the CPU to
+                # the broker and the devices (thousands of reports arrive within a second)
+                time.sleep(batch)
 
     def step(self, name: str) -> Rollout:
         """One reconcile pass; idempotent, safe to call after a crash at any point."""
         r = self.store.get(name)
         if r.state != "running":
+            self._cache.pop(name, None)
             return r
         now = self.clock()
         if r.stage_started_at is None:
             r.stage_started_at = now
             self.store.save(r)
-        devices = self.store.devices(name, stage=r.stage)
+        # the stage's pending devices are cached while this engine drives it, and only the
+        # devices the backend saw change are looked at: a step costs O(changes), not O(fleet)
+        cache = self._cache.get(name)
+        to_issue: list[tuple[str, str]] = []
+        if cache is None or cache.stage != r.stage:
+            cursor, _ = self.backend.changed(None)
+            moving = self.store.moving(name, r.stage)
+            cache = _StageCache(r.stage, cursor, {d: v for d, st, v in moving if st == "pending" and v is not None})
+            self._cache[name] = cache
+            to_issue = [(d, st) for d, st, _ in moving if st in ("waiting", "issuing")]
+            candidates = list(cache.pending)
+        else:
+            cache.cursor, dirty = self.backend.changed(cache.cursor)
+            candidates = [d for d in dict.fromkeys(dirty) if d in cache.pending]
 
         # 1. issue desired states (the rows are written first: a crash re-issues, never loses one)
-        waiting = [d for d in devices if d.state in ("waiting", "issuing")]
-        if waiting:
-            self._issue(r, waiting)
+        if to_issue:
+            issued = self._issue(r, to_issue)
+            cache.pending.update(issued)
+            candidates.extend(issued)
 
         # 2. collect outcomes
-        changed: list[RolloutDevice] = []
-        for d in devices:
-            if d.state != "pending" or d.desired_version is None:
+        changes: list[tuple[str, str, int | None, str | None]] = []
+        for dev in candidates:
+            version = cache.pending.get(dev)
+            if version is None:
                 continue
-            info = self.backend.device(d.device_id)
-            outcome = info.outcome(d.desired_version) if info else "pending"
+            info = self.backend.device(dev)
+            outcome = info.outcome(version) if info else "pending"
             if outcome == "applied":
-                d.state, d.reason = "applied", None
-                changed.append(d)
+                changes.append((dev, "applied", version, None))
+                del cache.pending[dev]
             elif outcome == "failed":
                 assert info is not None
                 where = f"{info.stage}: " if info.stage else ""
-                d.state, d.reason = "failed", f"{where}{info.reason or 'failed'}"
-                changed.append(d)
-        timed_out = now - r.stage_started_at >= r.timeout_s
-        if timed_out:
-            for d in devices:
-                if d.state == "pending":
-                    info = self.backend.device(d.device_id)
-                    d.state = "timeout"
-                    d.reason = (
-                        f"offline, no report within {r.timeout_s:g}s"
-                        if info is None or not info.online
-                        else f"did not apply within {r.timeout_s:g}s"
-                    )
-                    changed.append(d)
-        self.store.update_devices(changed)
+                changes.append((dev, "failed", version, f"{where}{info.reason or 'failed'}"))
+                del cache.pending[dev]
+        if now - r.stage_started_at >= r.timeout_s:
+            for dev, version in cache.pending.items():
+                info = self.backend.device(dev)
+                reason = (
+                    f"offline, no report within {r.timeout_s:g}s"
+                    if info is None or not info.online
+                    else f"did not apply within {r.timeout_s:g}s"
+                )
+                changes.append((dev, "timeout", version, reason))
+            cache.pending.clear()
+        self.store.set_states(name, changes)
 
         # 3. failure budget
-        failed = [d for d in devices if d.state in ("failed", "timeout")]
-        if devices and len(failed) / len(devices) > r.max_failure:
-            first = failed[0]
+        counts = self.store.stage_counts(name, r.stage)
+        total = sum(counts.values())
+        n_failed = counts.get("failed", 0) + counts.get("timeout", 0)
+        if total and n_failed / total > r.max_failure:
+            first = self.store.first_device(name, r.stage, ("failed", "timeout"))
+            assert first is not None
             reason = (
-                f"stage {r.stage + 1}: {len(failed)} of {len(devices)} devices failed "
+                f"stage {r.stage + 1}: {n_failed} of {total} devices failed "
                 f"(max {r.max_failure:.0%}); {first.device_id}: {first.reason}"
             )
-            return self._fail(r, devices, reason)
-        if any(d.state in ("pending", "waiting", "issuing") for d in devices):
+            return self._fail(r, reason)
+        if any(counts.get(s) for s in ("pending", "waiting", "issuing")):
             return r
 
         # 4. soak with the telemetry gate
@@ -320,21 +349,22 @@ class RolloutEngine:
             r.soak_started_at = now
             self.store.save(r)
         assert r.soak_started_at is not None
-        applied = [d.device_id for d in devices if d.state == "applied"]
-        if applied and (r.soak_s > 0):
+        n_applied = counts.get("applied", 0)
+        if n_applied and r.soak_s > 0:
+            applied = self.store.device_ids(name, r.stage, "applied")
             health = self.backend.telemetry(applied, since=r.soak_started_at)
             if health.requests and health.error_rate > r.max_error_rate:
                 reason = (
                     f"stage {r.stage + 1}: telemetry gate: error rate {health.error_rate:.1%} "
                     f"({health.errors}/{health.requests} requests) above {r.max_error_rate:.1%}"
                 )
-                return self._fail(r, devices, reason)
+                return self._fail(r, reason)
             if r.max_p99_ms is not None and health.p99_ms is not None and health.p99_ms > r.max_p99_ms:
                 reason = (
                     f"stage {r.stage + 1}: telemetry gate: p99 latency {health.p99_ms:.1f} ms "
                     f"above {r.max_p99_ms:g} ms"
                 )
-                return self._fail(r, devices, reason)
+                return self._fail(r, reason)
         if now - r.soak_started_at < r.soak_s:
             return r
 
@@ -343,14 +373,14 @@ class RolloutEngine:
             {
                 "stage": r.stage + 1,
                 "percent": r.stages[r.stage],
-                "devices": len(devices),
-                "applied": len(applied),
-                "failed": len(failed),
+                "devices": total,
+                "applied": n_applied,
+                "failed": n_failed,
                 "seconds": round(now - r.stage_started_at, 3),
                 "result": "passed",
             }
         )
-        log.info("rollout stage passed name=%s stage=%d devices=%d", name, r.stage + 1, len(devices))
+        log.info("rollout stage passed name=%s stage=%d devices=%d", name, r.stage + 1, total)
         if r.stage + 1 >= len(r.stages):
             r.state = "succeeded"
             r.reason = None
@@ -364,20 +394,20 @@ class RolloutEngine:
 
     # -------------------------------------------------------------- helpers
 
-    def _issue(self, r: Rollout, devices: list[RolloutDevice]) -> None:
+    def _issue(self, r: Rollout, devices: list[tuple[str, str]]) -> dict[str, int]:
+        """Publish the rollout's desired state to (device, state) rows; the `$version` per device."""
         # remember each device's previous desired state before publishing ours, so a
         # crash between the two re-publishes ('issuing') without mistaking ours for theirs
-        fresh = [d for d in devices if d.state == "waiting"]
-        for d in fresh:
-            info = self.backend.device(d.device_id)
-            d.previous = info.desired if info else None
-            d.state = "issuing"
-        self.store.update_devices(fresh)
-        versions = self.backend.set_desired({d.device_id: r.model for d in devices})
-        for d in devices:
-            d.state = "pending"
-            d.desired_version = versions[d.device_id]
-        self.store.update_devices(devices)
+        fresh = {}
+        for dev, state in devices:
+            if state == "waiting":
+                info = self.backend.device(dev)
+                fresh[dev] = info.desired if info else None
+        if fresh:
+            self.store.mark_issuing(r.name, fresh)
+        versions = self.backend.set_desired({dev: r.model for dev, _ in devices})
+        self.store.set_states(r.name, [(dev, "pending", versions[dev], None) for dev, _ in devices])
+        return versions
 
     def _roll_back(self, devices: list[RolloutDevice]) -> None:
         if not devices:
@@ -390,8 +420,9 @@ class RolloutEngine:
             d.state = "rolled_back"
         self.store.update_devices(devices)
 
-    def _fail(self, r: Rollout, devices: list[RolloutDevice], reason: str) -> Rollout:
+    def _fail(self, r: Rollout, reason: str) -> Rollout:
         log.warning("rollout stage failed name=%s reason=%s", r.name, reason)
+        devices = self.store.devices(r.name, stage=r.stage)
         self._roll_back([d for d in devices if d.state != "waiting"])
         r.stage_log.append(
             {

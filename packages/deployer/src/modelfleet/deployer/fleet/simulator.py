@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -24,7 +25,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -112,6 +113,19 @@ class _MemoryStateFile:
         self.state = state
 
 
+class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs `run_in_executor` work on the spot. The stand-ins never block, and a thread pool
+    shared by thousands of devices spends its time handing the GIL back and forth."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
 # ---------------------------------------------------------------- one device
 
 
@@ -163,6 +177,12 @@ class SimulatedDevice:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not msg.payload:
             return
+        if self.fleet.bare:
+            # the protocol floor: answer at once, no reconciler, no decoding beyond the version
+            version = json.loads(msg.payload).get("$version")
+            reply = ReportedState(self.device_id, version, "applied", applied_version=version).encode()
+            client.publish(self.topics.reported, reply, qos=1, retain=True)
+            return
         try:
             state = DesiredState.decode(msg.payload)
         except ProtocolError as exc:
@@ -199,13 +219,16 @@ class SimulatedFleet:
         id_format: str = "sim-{:05d}",
         tags: Mapping[str, Any] | None = None,
         fail_versions: frozenset[int] = frozenset(),
+        bare: bool = False,
     ) -> None:
         self.host, self.port, self.count = host, port, count
+        self.bare = bare
         self.prefix = prefix
         self.id_format = id_format
         self.tags = dict(tags or {})
         self.fail_versions = fail_versions
         self.loop = asyncio.get_running_loop()
+        self.loop.set_default_executor(_InlineExecutor())
         self.devices: list[SimulatedDevice] = []
         self._misc: asyncio.Task[None] | None = None
 
@@ -221,7 +244,8 @@ class SimulatedFleet:
             async with window:
                 dev.connect()
                 await asyncio.wait_for(dev.connected.wait(), 30)
-            dev.task = self.loop.create_task(dev.reconciler.run())
+            if not self.bare:
+                dev.task = self.loop.create_task(dev.reconciler.run())
 
         await asyncio.gather(*(connect(d) for d in self.devices))
         self._misc = self.loop.create_task(self._loop_misc())
@@ -271,6 +295,7 @@ async def _amain(args: argparse.Namespace) -> None:
         id_format=args.id_format,
         tags=json.loads(args.tags),
         fail_versions=frozenset(args.fail_version or ()),
+        bare=args.bare,
     )
     took = await fleet.start()
     print(json.dumps({"event": "ready", "devices": args.count, "connect_s": round(took, 3)}), flush=True)
@@ -289,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--id-format", default="sim-{:05d}")
     parser.add_argument("--tags", default="{}", help="JSON object of tags every device declares")
     parser.add_argument("--fail-version", type=int, action="append", help="model versions whose warm-up fails")
+    parser.add_argument("--bare", action="store_true", help="reply 'applied' at once, without the reconciler (the floor)")
     args = parser.parse_args(argv)
     raise_nofile()
     logging.basicConfig(level=logging.WARNING)

@@ -118,11 +118,38 @@ class FleetBackend(Protocol):
     def telemetry(self, device_ids: Iterable[str], since: float) -> TelemetrySummary:
         """Health of the devices' scoring since `since` (epoch seconds)."""
 
+    def changed(self, cursor: int | None) -> tuple[int, list[str]]:
+        """Devices whose state changed since `cursor` (None: just a fresh cursor), and the new cursor."""
+
     def wait(self, timeout: float) -> None:
         """Block until something changed in the fleet or `timeout` seconds passed."""
 
     def close(self) -> None:
         """Flush pending publishes and disconnect."""
+
+
+class ChangeLog:
+    """Device ids in the order their state changed, read from a cursor (one reader)."""
+
+    def __init__(self) -> None:
+        self._base = 0  # cursor value of _ids[0]
+        self._ids: list[str] = []
+
+    def add(self, device_id: str) -> None:
+        self._ids.append(device_id)
+
+    def read(self, cursor: int | None) -> tuple[int, list[str]]:
+        end = self._base + len(self._ids)
+        if cursor is None:
+            return end, []
+        if cursor < self._base:
+            # older than what is kept: the caller re-reads everything
+            return end, list(dict.fromkeys(self._ids))
+        out = self._ids[cursor - self._base :]
+        if len(self._ids) > 100_000:  # keep the log bounded; the reader is always near the end
+            self._base = end
+            self._ids = []
+        return end, out
 
 
 def sorted_devices(devices: Sequence[DeviceInfo]) -> list[DeviceInfo]:

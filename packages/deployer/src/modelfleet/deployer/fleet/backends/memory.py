@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from modelfleet.agent.modelref import ModelVersionRef
-from modelfleet.deployer.fleet.backends.base import DeviceInfo, TelemetrySummary
+from modelfleet.deployer.fleet.backends.base import ChangeLog, DeviceInfo, TelemetrySummary
 
 
 class MemoryFleetBackend:
@@ -22,6 +22,7 @@ class MemoryFleetBackend:
         self._devices: dict[str, DeviceInfo] = {}
         self._telemetry: list[tuple[str, float, int, int, float | None]] = []
         self._changed = threading.Event()
+        self._log = ChangeLog()
         self._next_version = 1
         self.published: list[tuple[str, ModelVersionRef | None, int]] = []
 
@@ -32,6 +33,7 @@ class MemoryFleetBackend:
 
     def set_online(self, device_id: str, online: bool) -> None:
         self._devices[device_id] = replace(self._devices[device_id], online=online)
+        self._log.add(device_id)
 
     def report(self, device_id: str, status: str, reason: str | None = None, stage: str | None = None) -> None:
         """The device reports on its current desired state."""
@@ -49,6 +51,7 @@ class MemoryFleetBackend:
             active_name=active.name if active else d.active_name,
             active_version=active.version if active else d.active_version,
         )
+        self._log.add(device_id)
         self._changed.set()
 
     def add_telemetry(self, device_id: str, requests: int, errors: int, p99_ms: float | None = None) -> None:
@@ -89,6 +92,9 @@ class MemoryFleetBackend:
             p99_ms=max(p99s) if p99s else None,
             devices_reporting=len({t[0] for t in rows}),
         )
+
+    def changed(self, cursor: int | None) -> tuple[int, list[str]]:
+        return self._log.read(cursor)
 
     def wait(self, timeout: float) -> None:
         self._changed.wait(timeout)
