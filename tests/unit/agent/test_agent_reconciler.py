@@ -151,3 +151,22 @@ def test_restore_falls_back_to_previous_when_active_is_gone(
 @pytest.mark.parametrize(("attempt", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)])
 def test_backoff_is_exponential_and_capped(attempt: int, delay: float) -> None:
     assert Backoff(1.0, 60.0).delay(attempt) == delay
+
+
+def test_same_version_number_for_another_model_is_applied_after_restart(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+
+    async def apply(ref: ModelVersionRef, restore: bool) -> None:
+        h = Harness(tmp_path, blob_server)
+        if restore:
+            await h.reconciler.restore()
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, ref))  # a controller that started numbering again
+        await h.until(lambda: h.reported(1, "applied"))
+        assert h.host.active is not None and h.host.active.version == str(ref.version)
+        task.cancel()
+
+    asyncio.run(apply(v1, restore=False))
+    asyncio.run(apply(v2, restore=True))

@@ -124,7 +124,7 @@ class Reconciler:
             desired = self._desired
             if desired is None:
                 continue
-            if desired.version == self.state.handled_version:
+            if self.state.handled(desired.version, desired.model.sha256):
                 await self._report_handled(desired)
                 continue
             await self._apply_with_retries(desired)
@@ -200,7 +200,7 @@ class Reconciler:
             self.state.previous = self.state.active
             self.state.active = ref
         self.state.applied_version = desired.version
-        self.state.handled_version = desired.version
+        self.state.mark_handled(desired.version, ref.sha256)
         self.state.failure = None
         self.state_file.save(self.state)
         self._prune()
@@ -209,7 +209,7 @@ class Reconciler:
 
     async def _refuse(self, desired: DesiredState, stage: str, reason: str) -> None:
         log.warning("event=apply_failed version=%d stage=%s reason=%r", desired.version, stage, reason)
-        self.state.handled_version = desired.version
+        self.state.mark_handled(desired.version, desired.model.sha256)
         self.state.failure = Failure(desired.version, stage, reason)
         self.state_file.save(self.state)
         self._prune()
@@ -235,10 +235,11 @@ class Reconciler:
             except ApplyError as exc:
                 raise CommandError(f"rollback to {previous.key} failed at {exc.stage}: {exc.reason}") from None
             self.state.active, self.state.previous = previous, current
-            version = self._desired.version if self._desired else self.state.handled_version
+            desired = self._desired
+            version = desired.version if desired else self.state.handled_version
             reason = f"rolled back from {current.key if current else 'nothing'} to {previous.key} by command"
             if version is not None:
-                self.state.handled_version = version
+                self.state.mark_handled(version, desired.model.sha256 if desired else self.state.handled_sha256)
                 self.state.failure = Failure(version, "rollback", reason)
             self.state_file.save(self.state)
             return await self._report("failed", version, stage="rollback", reason=reason)

@@ -38,7 +38,15 @@ class AgentState:
     applied_version: int | None = None
     #: the last desired `$version` finished with (applied, refused, or rolled back from)
     handled_version: int | None = None
+    #: the model that `handled_version` asked for (a controller that renumbers must not match by chance)
+    handled_sha256: str | None = None
     failure: Failure | None = None
+
+    def handled(self, version: int, sha256: str) -> bool:
+        return self.handled_version == version and self.handled_sha256 == sha256
+
+    def mark_handled(self, version: int, sha256: str | None) -> None:
+        self.handled_version, self.handled_sha256 = version, sha256
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +54,7 @@ class AgentState:
             "previous": self.previous.to_dict() if self.previous else None,
             "applied_version": self.applied_version,
             "handled_version": self.handled_version,
+            "handled_sha256": self.handled_sha256,
             "failure": vars(self.failure) if self.failure else None,
         }
 
@@ -57,6 +66,7 @@ class AgentState:
             previous=ModelVersionRef.from_dict(data["previous"]) if data.get("previous") else None,
             applied_version=data.get("applied_version"),
             handled_version=data.get("handled_version"),
+            handled_sha256=data.get("handled_sha256"),
             failure=Failure(**failure) if isinstance(failure, dict) else None,
         )
 
