@@ -165,3 +165,26 @@ def test_head_gets_headers_only_and_stop_drains_requests_in_progress(start_serve
         assert slow.result().json() == {"slept_ms": 400}
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/v2/health/live")
+
+
+def test_expect_continue_and_oversized_headers(start_server, digits_onnx) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ModelSpec(digits_onnx.parent))
+    body = b'{"data": [' + b",".join([b"[" + b",".join([b"1.0"] * 64) + b"]"] * 20) + b"]}"
+    with socket.create_connection(("127.0.0.1", server.server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /score HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        reply = b""
+        while b'"probabilities"' not in reply:
+            chunk = s.recv(65536)
+            assert chunk
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 OK")
+    huge = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    reply = _raw_exchange(server.server.port, huge, 1)
+    assert reply.startswith(b"HTTP/1.1 431")
+    assert b"request headers larger than 65536 bytes" in reply
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200

@@ -15,6 +15,8 @@ from typing import Any
 import httptools
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+#: request line + headers; larger heads get 414/431 and the connection is closed
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class Request:
@@ -87,6 +89,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
+        self._head_size = 0
         self._reject = 0
         self._queue: deque[Request] = deque()
         self._busy = False
@@ -129,12 +132,21 @@ class HttpConnection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_size = 0
+        self._head_size = 0
         self._reject = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD_BYTES and not self._closing:
+            self._fail(414, f"request URL longer than {MAX_HEAD_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD_BYTES:
+            if not self._closing:
+                self._fail(431, f"request headers larger than {MAX_HEAD_BYTES} bytes")
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         if key in self._headers:
@@ -149,6 +161,10 @@ class HttpConnection(asyncio.Protocol):
             if not self._busy:
                 # answer at once rather than reading a body we will throw away
                 self._fail(413, f"request body of {length} bytes exceeds the limit of {self._max_body} bytes")
+            return
+        if self._headers.get("expect", "").lower() == "100-continue" and self._transport is not None:
+            # curl and others wait up to a second for this before sending a body
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._reject:
