@@ -7,6 +7,8 @@
 2. Register: `Registry.register` of a large file vs the baseline of copying
    it and hashing it (`shutil.copyfile` + sha256), the least any store must do.
 3. Download: the artifact server over HTTP vs reading the blob from disk.
+4. Memory: peak RSS of a `register` process (streams the file) vs a process
+   that imports the same modules and reads the file into memory.
 
     .venv/bin/python benchmarks/deployer_local.py [--clients 4] [--size-mb 256]
 """
@@ -18,6 +20,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -156,6 +160,33 @@ def registry_figures(home: Path, size_mb: int) -> None:
     print(f"  baseline read from disk       {read_s:6.2f} s  ({size_mb / read_s:7.0f} MiB/s)")
 
 
+_PEAK = """
+import sys
+from pathlib import Path
+from modelfleet.deployer.registry import Registry
+if sys.argv[1] == "register":
+    Registry(Path(sys.argv[3])).register("mem", Path(sys.argv[2]))
+else:
+    data = Path(sys.argv[2]).read_bytes()
+# VmHWM, not ru_maxrss: the latter carries the forking parent's peak over exec.
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(int(hwm.split()[1]))
+"""
+
+
+def memory_figures(home: Path, size_mb: int) -> None:
+    big = home / "big.bin"
+    peak = {}
+    for mode in ("register", "read"):
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, mode, str(big), str(home / f"mem-{mode}")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        peak[mode] = int(out.stdout.strip()) / 1024
+    print(f"peak RSS, register {size_mb} MiB        {peak['register']:6.0f} MiB")
+    print(f"  baseline read into memory     {peak['read']:6.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
@@ -164,6 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modelfleet-bench-") as tmp:
         update_figures(Path(tmp) / "update", args.clients)
         registry_figures(Path(tmp) / "registry", args.size_mb)
+        memory_figures(Path(tmp) / "registry", args.size_mb)
 
 
 if __name__ == "__main__":
