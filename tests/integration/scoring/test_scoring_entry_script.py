@@ -67,3 +67,20 @@ def test_plain_script_gets_the_body_as_text(start_server, model_dir, digits_rows
         r = c.post("/score", content=b"{not json")
         assert r.status_code == 400
         assert "malformed JSON body" in r.json()["error"]
+
+
+def test_odd_run_results_never_stop_the_server(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ModelSpec(tmp_path, SCRIPTS / "score_odd.py"))
+    with server.client() as c:
+        for _ in range(70):  # long enough to move the fast run() inline
+            assert c.post("/score", json={"kind": "string"}).json() == "plain string"
+        assert server.host.active.inline
+        r = c.post("/score", json={"kind": "exit"})
+        assert r.status_code == 500
+        assert r.json()["error"] == "run() raised SystemExit: 3"
+        r = c.post("/score", json={"kind": "object"})
+        assert r.status_code == 500
+        assert "run() returned a value that cannot be serialised" in r.json()["error"]
+        r = c.post("/score", json={"kind": "numpy"})
+        assert r.json() == {"scalar": 1.5, "array": [0, 1, 2], "frame": [{"a": 1}, {"a": 2}]}
+        assert c.get("/v2/health/ready").status_code == 200

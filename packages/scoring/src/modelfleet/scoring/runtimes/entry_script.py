@@ -151,13 +151,13 @@ class EntryScriptRuntime:
     def _call(self, arg: Any) -> Any:
         try:
             return self._run(arg)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in run() must not stop the server
             raise ScriptError(f"run() raised {_describe(exc)}") from exc
 
     def _call_schema(self, data: dict[str, Any]) -> Any:
         try:
             return self._run(**data)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             if _entered(exc, self.script):
                 raise ScriptError(f"run() raised {_describe(exc)}") from exc
             # failed before run()'s body started: the input did not fit the declared schema
