@@ -200,3 +200,12 @@ def test_conflicting_rollout_is_refused_and_tags_target_devices(
     assert fleet.cli("rollout", "abort", "slow").returncode == 0
     listed = fleet.cli_json("rollout", "list")
     assert [(r["name"], r["state"]) for r in listed] == [("slow", "aborted")]
+
+    # without --wait a detached controller drives the rollout to the end
+    started = fleet.cli("rollout", "create", "bg", "--model", "digits:2", "--target", "*")
+    assert started.returncode == 0 and "running in the background" in started.stdout
+    store = FleetStore(fleet.registry.home)
+    wait_until(lambda: store.get("bg").state == "succeeded", 60, "bg to finish")
+    assert fleet.cli_json("rollout", "status", "bg")["state"] == "succeeded"
+    for a in agents:
+        fleet.wait_device(a.device_id, lambda d: d.active == "digits:2", "on v2")

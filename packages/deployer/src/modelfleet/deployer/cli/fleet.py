@@ -161,7 +161,8 @@ def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
             "model": view["model"],
             "target": view["target"],
             "state": view["state"],
-            "stage": f"{view['stage']} of {len(view['stages'])} ({view['phase']})",
+            "stage": f"{view['stage']} of {len(view['stages'])}"
+            + (f" ({view['phase']})" if view["state"] in ("running", "paused") else ""),
             "reason": view["reason"],
         }
     )
