@@ -370,7 +370,7 @@ class _NoBackend:
     def _nope(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("this command does not reach devices")
 
-    devices = device = set_desired = telemetry = wait = _nope
+    devices = device = set_desired = telemetry = changed = wait = _nope
 
     def close(self) -> None:
         pass
