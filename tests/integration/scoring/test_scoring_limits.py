@@ -188,3 +188,13 @@ def test_expect_continue_and_oversized_headers(start_server, digits_onnx) -> Non
     assert reply.startswith(b"HTTP/1.1 431")
     assert b"request headers larger than 65536 bytes" in reply
     assert httpx.get(server.url + "/v2/health/live").status_code == 200
+
+
+def test_idle_and_half_sent_connections_are_closed(start_server, digits_onnx) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ModelSpec(digits_onnx.parent), keep_alive_s=0.3)
+    with socket.create_connection(("127.0.0.1", server.server.port), timeout=10) as idle, \
+            socket.create_connection(("127.0.0.1", server.server.port), timeout=10) as slow:
+        slow.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert idle.recv(10) == b""  # closed by the server, not by a timeout here
+        assert slow.recv(10) == b""
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200

@@ -95,6 +95,8 @@ class HttpConnection(asyncio.Protocol):
         self._busy = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._loop_time = asyncio.get_running_loop().time
+        self.last_active = self._loop_time()
 
     # --- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self.last_active = self._loop_time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:

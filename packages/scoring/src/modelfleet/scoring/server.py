@@ -73,6 +73,7 @@ class ScoringServer:
             max_workers=self.settings.concurrency, thread_name_prefix="modelfleet-score"
         )
         self._slots: asyncio.Semaphore | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._pending = 0
         self._capacity = self.settings.concurrency + self.settings.queue_limit
         self._timeout = self.settings.scoring_timeout_ms / 1000.0
@@ -110,11 +111,26 @@ class ScoringServer:
             )
             sock.setblocking(False)
         self._server = await loop.create_server(factory, sock=sock, backlog=2048)
+        self._sweeper = loop.create_task(self._close_idle_connections())
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("event=listening host=%s port=%d", self.settings.host, self.port)
 
+    async def _close_idle_connections(self) -> None:
+        """Close keep-alive connections idle longer than keep_alive_s (and half-sent requests)."""
+        limit = self.settings.keep_alive_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(limit / 2, 5.0))
+            cutoff = loop.time() - limit
+            for conn in list(self._connections):
+                if not conn.busy and conn.last_active < cutoff:
+                    conn.close()
+
     async def stop(self, drain_s: float = 5.0) -> None:
         """Stop listening, let requests in progress finish (up to drain_s), close connections."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
             loop = asyncio.get_running_loop()

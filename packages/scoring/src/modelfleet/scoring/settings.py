@@ -42,6 +42,8 @@ class ServerSettings:
     max_queued_requests: int = 0
     #: models whose warm-up median is below this run inline on the event loop
     inline_threshold_ms: float = 1.0
+    #: idle keep-alive connections (and requests sent too slowly) are closed after this
+    keep_alive_s: float = 75.0
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -75,6 +77,8 @@ class ServerSettings:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ConfigError(name, f"file not found: {path}")
+        if self.keep_alive_s <= 0:
+            raise ConfigError("keep_alive_s", f"must be positive, got {self.keep_alive_s}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}")
         return self
