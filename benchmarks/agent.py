@@ -9,6 +9,7 @@
 2. Idle RSS of the agent process with the digits model loaded, after its
    first telemetry intervals. Baseline: a bare Python process that imports
    onnxruntime, paho-mqtt and msgpack and holds the same model in a session.
+   Also the agent's RSS after the 50 MB rollouts (is the old version freed?).
 
     .venv/bin/python benchmarks/agent.py [--repeat 3]
 """
@@ -223,6 +224,8 @@ def main() -> None:
                 f"{'desired -> first answer, ' + label + ' (s, median)':44} "
                 f"{statistics.median(agent_times):10.3f} {statistics.median(base_times):10.3f}"
             )
+        time.sleep(2)
+        print(f"{'RSS after the 50 MB rollouts (MiB)':44} {rss_mib(agent.pid):10.1f} {'-':>10}")
         print(f"(repeat={args.repeat}; baseline = download + sha256 + onnxruntime session in one process)")
     finally:
         if server is not None:

@@ -23,6 +23,7 @@ from typing import Any
 from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
 
 from .errors import AgentError, ApplyError, Superseded
+from .footprint import trim_heap
 from .modelref import ModelVersionRef
 from .protocol import ActiveModel, ApplyStatus, DesiredState, ReportedState
 from .state import AgentState, Failure, StateFile
@@ -204,6 +205,8 @@ class Reconciler:
         self.state.failure = None
         self.state_file.save(self.state)
         self._prune()
+        if swapped:
+            trim_heap()  # the old version and the download buffers are freed by now
         log.info("event=applied version=%d model=%s", desired.version, ref.key)
         await self._report("applied", desired.version)
 
