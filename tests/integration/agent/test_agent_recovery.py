@@ -158,8 +158,9 @@ def test_broker_outage_queues_telemetry_and_delivers_all_in_order(
 def test_sigterm_stops_cleanly_with_an_offline_presence(
     mosquitto: Any, controller: Controller, agents: Any,
 ) -> None:
-    agent = agents("dev-term", mosquitto.port)
-    wait_until(lambda: controller.presence.get("dev-term"), 30, "birth message")
+    agent = agents("dev-term", mosquitto.port, device_tags={"site": "plant-1", "ring": 0})
+    birth = wait_until(lambda: controller.presence.get("dev-term"), 30, "birth message")[0]
+    assert birth.online and birth.tags == {"site": "plant-1", "ring": 0}
     started = time.monotonic()
     assert agent.terminate() == 0
     assert time.monotonic() - started < 10

@@ -31,6 +31,15 @@ def test_toml_then_env_overrides(tmp_path: Path) -> None:
     assert cfg.telemetry_interval_s == 5.0 and cfg.store_dir == tmp_path
 
 
+def test_tags_from_toml_table_or_env_json(tmp_path: Path) -> None:
+    path = write(tmp_path, '[device]\nid = "d"\ntags = {site = "plant-1", ring = 0}\n')
+    assert load_config(path, env={}).device_tags == {"site": "plant-1", "ring": 0}
+    cfg = load_config(path, env={"MODELFLEET_AGENT_DEVICE_TAGS": '{"site": "b"}'})
+    assert cfg.device_tags == {"site": "b"}
+    with pytest.raises(ConfigError, match=r"device\.tags \(from MODELFLEET_AGENT_DEVICE_TAGS\): expected a table"):
+        load_config(path, env={"MODELFLEET_AGENT_DEVICE_TAGS": "site=b"})
+
+
 def test_env_alone_is_enough() -> None:
     cfg = load_config(None, env={"MODELFLEET_AGENT_DEVICE_ID": "d2", "MODELFLEET_AGENT_STORE_TRUSTED_KEYS": ""})
     assert cfg.device_id == "d2" and cfg.store_trusted_keys == []

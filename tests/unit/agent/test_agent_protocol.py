@@ -76,6 +76,9 @@ def test_reported_round_trip_and_bad_status() -> None:
 
 def test_presence_commands_and_telemetry_round_trip() -> None:
     assert Presence.decode(Presence("d", True, ts=1.0).encode()).online is True
+    assert Presence.decode(Presence("d", True, tags={"site": "a"}).encode()).tags == {"site": "a"}
+    with pytest.raises(ProtocolError, match="'tags' must be an object"):
+        Presence.decode(b'{"device_id": "d", "online": true, "tags": [1]}')
     req = CommandRequest.decode(CommandRequest("c1", "get-state").encode())
     assert req.name == "get-state" and req.args == {}
     resp = CommandResponse.decode(CommandResponse("c1", False, error="boom").encode())

@@ -44,6 +44,7 @@ def make_transport(config: AgentConfig) -> TwinTransport:
             tls=config.broker_tls,
             ca_file=config.broker_ca_file,
             agent_version=agent_version(),
+            tags=dict(config.device_tags) or None,
         )
     )
 

@@ -7,6 +7,7 @@ names the field as `section.key`.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ class AgentConfig:
     """Everything `modelfleet-agent run` needs."""
 
     device_id: str = ""
+    #: declared in the birth message; fleet rollouts target devices by them
+    device_tags: dict[str, Any] = field(default_factory=dict)
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     broker_username: str = ""  # default: the device id
@@ -139,6 +142,11 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             return Path(str(raw)).expanduser()
         if kind == "Path | None":
             return Path(str(raw)).expanduser() if str(raw) else None
+        if kind == "dict[str, Any]":
+            value = json.loads(raw) if isinstance(raw, str) else raw
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         if kind == "list[Path]":
             items = raw if isinstance(raw, list) else [p for p in str(raw).split(",") if p.strip()]
             return [Path(str(p).strip()).expanduser() for p in items]
@@ -146,7 +154,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             raise ValueError
         return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(where, f"expected {kind.replace(' | None', '')}, got {raw!r}") from None
+        expected = "a table (or a JSON object in env)" if kind.startswith("dict") else kind.replace(" | None", "")
+        raise ConfigError(where, f"expected {expected}, got {raw!r}") from None
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> AgentConfig:

@@ -291,6 +291,8 @@ class Presence:
     ts: float = 0.0
     agent_version: str = ""
     clean: bool = False
+    #: tags the device declares for fleet targeting (birth message only), e.g. {"site": "plant-1"}
+    tags: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -298,6 +300,8 @@ class Presence:
             "device_id": self.device_id,
             "online": self.online,
         }
+        if self.tags is not None:
+            data["tags"] = self.tags
         # the last will is composed at connect time, so its ts would be stale: leave it out
         if self.ts:
             data["ts"] = self.ts
@@ -316,12 +320,16 @@ class Presence:
         device_id, online = data.get("device_id"), data.get("online")
         if not isinstance(device_id, str) or not isinstance(online, bool):
             raise ProtocolError("presence: needs 'device_id' (string) and 'online' (bool)")
+        tags = data.get("tags")
+        if tags is not None and not isinstance(tags, dict):
+            raise ProtocolError("presence: 'tags' must be an object")
         return cls(
             device_id,
             online,
             float(data.get("ts", 0.0) or 0.0),
             str(data.get("agent_version", "") or ""),
             bool(data.get("clean", False)),
+            tags,
         )
 
 

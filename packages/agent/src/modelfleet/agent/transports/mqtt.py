@@ -58,6 +58,7 @@ class MqttSettings:
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 5.0
     agent_version: str = ""
+    tags: dict[str, Any] | None = None
 
 
 class MqttTransport:
@@ -162,7 +163,8 @@ class MqttTransport:
             return
         client.subscribe([(self.topics.desired, 1), (self.topics.commands, 1)])
         birth = Presence(
-            self.settings.device_id, online=True, ts=time.time(), agent_version=self.settings.agent_version
+            self.settings.device_id, online=True, ts=time.time(), agent_version=self.settings.agent_version,
+            tags=self.settings.tags,
         ).encode()
         client.publish(self.topics.presence, birth, qos=1, retain=True)
         if self._last_reported is not None:
