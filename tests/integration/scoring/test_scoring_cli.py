@@ -51,3 +51,28 @@ def test_startup_failure_exits_nonzero_with_the_reason(tmp_path) -> None:  # typ
     )
     assert empty.returncode == 1
     assert "no .onnx or .tflite file in" in empty.stderr
+
+
+def test_live_but_not_ready_until_init_finishes(serve_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    proc, url = serve_process(
+        "--model-dir", str(tmp_path), "--entry-script", str(SCRIPTS / "score_slow_init.py"), wait=False
+    )
+    deadline = time.monotonic() + 20
+    live = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            live = httpx.get(url + "/v2/health/live")
+            break
+        except httpx.TransportError:
+            time.sleep(0.02)
+    assert live is not None and live.status_code == 200
+    assert httpx.get(url + "/v2/health/ready").status_code == 503
+    assert httpx.get(url + "/").status_code == 503
+    assert httpx.post(url + "/score", json={"data": [1]}).status_code == 503
+    (tmp_path / "go").touch()
+    deadline = time.monotonic() + 20
+    while httpx.get(url + "/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert httpx.post(url + "/score", json={"data": [1, 2, 3]}).json() == {"sum": 6}
