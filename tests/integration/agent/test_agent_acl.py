@@ -15,18 +15,23 @@ import pytest
 from agent_harness import REPO, Controller, RegistryHandle, wait_until  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.mqtt
-PASSWORDS = {"modelfleet-controller": "ctl-secret", "dev-a": "a-secret", "dev-b": "b-secret"}
+PASSWORDS: dict[str, str] = {"modelfleet-controller": "ctl-secret"}  # devices: filled by the fixture
 
 
 @pytest.fixture
 def secured_broker(mosquitto: Any, tmp_path: Path) -> Iterator[Any]:
-    """mosquitto with the shipped ACL and a password file made by mosquitto_passwd."""
+    """mosquitto with the shipped ACL and a password file made by the shipped make-passwords.sh."""
     mosquitto.stop()
-    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     passwords = tmp_path / "passwords"
-    passwords.touch()
-    for user, password in PASSWORDS.items():
-        subprocess.run([tool, "-b", str(passwords), user, password], check=True, capture_output=True)
+    made = subprocess.run(
+        [str(REPO / "deploy" / "mosquitto" / "make-passwords.sh"), str(passwords),
+         PASSWORDS["modelfleet-controller"], "dev-a", "dev-b"],
+        check=True, capture_output=True, text=True,
+    )
+    for line in made.stdout.splitlines():  # "device<TAB>password", printed once for provisioning
+        device, password = line.split("\t")
+        PASSWORDS[device] = password
+    assert set(PASSWORDS) == {"modelfleet-controller", "dev-a", "dev-b"}
     acl = tmp_path / "acl"
     shutil.copy(REPO / "deploy" / "mosquitto" / "acl", acl)
     broker = type(mosquitto)(
@@ -37,6 +42,14 @@ def secured_broker(mosquitto: Any, tmp_path: Path) -> Iterator[Any]:
     broker.start()
     yield broker
     broker.stop()
+
+
+def test_make_passwords_refuses_a_bad_device_id(tmp_path: Path) -> None:
+    made = subprocess.run(
+        [str(REPO / "deploy" / "mosquitto" / "make-passwords.sh"), str(tmp_path / "pw"), "x", "a/b"],
+        capture_output=True, text=True,
+    )
+    assert made.returncode == 2 and "invalid device id: a/b" in made.stderr
 
 
 class Device:
