@@ -27,6 +27,8 @@ from .base import RawResponse, ScoreInput, Signature, is_msgpack
 _counter = itertools.count(1)
 # init() reads the model folder from the process environment, so loads run one at a time.
 _env_lock = threading.Lock()
+# sys.path and the helper-module bookkeeping; held only briefly
+_paths_lock = threading.Lock()
 # folders of loaded entry scripts (a multiset would be exact; versions rarely share one)
 _script_dirs: set[str] = set()
 
@@ -60,10 +62,11 @@ class EntryScriptRuntime:
             os.environ["AZUREML_MODEL_DIR"] = str(self.model_dir)
             # helper modules next to score.py import as they do on Azure ML; another
             # version's folder must not shadow them, nor its cached helper modules
-            while script_dir in sys.path:
-                sys.path.remove(script_dir)
-            sys.path.insert(0, script_dir)
-            _forget_helpers_outside(script_dir)
+            with _paths_lock:
+                while script_dir in sys.path:
+                    sys.path.remove(script_dir)
+                sys.path.insert(0, script_dir)
+                _forget_helpers_outside(script_dir)
             raw_flags = _raw_flag_modules()
             for mod in raw_flags:
                 setattr(mod, "_rawHttpRequested", False)  # noqa: B010
@@ -87,7 +90,7 @@ class EntryScriptRuntime:
                     raise ModelLoadError("load", f"init() raised {_describe(exc)}") from exc
         self.module = module
         self._run = run
-        with _env_lock:
+        with _paths_lock:
             _script_dirs.add(script_dir)
         self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
         self._signature = self._read_schema(run)
@@ -176,7 +179,8 @@ class EntryScriptRuntime:
         if self.module is not None:
             sys.modules.pop(self.module.__name__, None)
             script_dir = str(self.script.parent.resolve())
-            with _env_lock:
+            # close() may run on the event loop: never wait for another version's init()
+            with _paths_lock:
                 _script_dirs.discard(script_dir)
                 if script_dir not in _script_dirs:
                     while script_dir in sys.path:
