@@ -11,7 +11,7 @@ from typing import Any
 from modelfleet.scoring import ModelHost, ScoringServer, ServerSettings
 
 from .config import AgentConfig
-from .errors import AgentError
+from .errors import AgentError, ConfigError
 from .protocol import CommandRequest, CommandResponse, DesiredState, ReportedState, TelemetryBatch
 from .reconciler import Backoff, CommandError, Reconciler
 from .state import StateFile
@@ -57,6 +57,13 @@ class Agent:
         self.version = agent_version()
         self.transport = transport or make_transport(config)
         root = config.store_dir
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / ".writable"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError("store.dir", f"{root} is not a writable folder: {exc.strerror or exc}") from None
         self.store = ModelStore(
             root / "models",
             reserve_bytes=config.store_reserve_mb * 1024 * 1024,
@@ -113,7 +120,13 @@ class Agent:
     # --- lifecycle --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.reconciler.restore()
-        await self.server.start()
+        try:
+            await self.server.start()
+        except OSError as exc:
+            raise ConfigError(
+                "scoring.port",
+                f"cannot listen on {self.config.scoring_host}:{self.config.scoring_port}: {exc.strerror or exc}",
+            ) from None
         log.info("event=agent_started device=%s scoring_port=%d version=%s",
                  self.config.device_id, self.server.port, self.version)
         await self.transport.start(self)
