@@ -18,11 +18,17 @@ from typing import Any
 
 from .errors import ModelLoadError, ScoringError
 from .metrics import ScoringMetrics
-from .runtimes.base import ModelRuntime, Signature
+from .runtimes.base import (
+    ENTRY_SCRIPT_RUNTIME,
+    NO_CODE_RUNTIMES,
+    ModelRuntime,
+    Signature,
+    runtime_class,
+)
 
 log = logging.getLogger("modelfleet.scoring.host")
 
-MODEL_SUFFIXES = (".onnx", ".tflite")
+MODEL_SUFFIXES = tuple(NO_CODE_RUNTIMES)
 #: fast calls in a row before a pool model moves inline
 PROMOTE_AFTER = 64
 #: an inline call slower than this many times the threshold moves the model to the pool
@@ -81,19 +87,12 @@ def open_runtime(spec: ModelSpec) -> ModelRuntime:
     """The runtime for a spec: entry script if given, else by the model file's suffix."""
     model_dir = Path(spec.model_dir)
     if spec.entry_script:
-        from .runtimes.entry_script import EntryScriptRuntime
-
         if not model_dir.exists():
             raise ModelLoadError("load", f"model directory not found: {model_dir}")
-        return EntryScriptRuntime(resolve_entry_script(spec.entry_script, model_dir), model_dir)
+        script = resolve_entry_script(spec.entry_script, model_dir)
+        return runtime_class(ENTRY_SCRIPT_RUNTIME)(script, model_dir)  # type: ignore[no-any-return]
     path = find_model_file(model_dir)
-    if path.suffix.lower() == ".onnx":
-        from .runtimes.onnx import OnnxRuntime
-
-        return OnnxRuntime(path)
-    from .runtimes.tflite import TfliteRuntime
-
-    return TfliteRuntime(path)
+    return runtime_class(NO_CODE_RUNTIMES[path.suffix.lower()])(path)  # type: ignore[no-any-return]
 
 
 class LoadedModel:

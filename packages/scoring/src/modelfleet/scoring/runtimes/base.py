@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -124,3 +125,18 @@ class ModelRuntime(Protocol):
 
     def close(self) -> None:
         """Release the model's resources (called once no request uses it any more)."""
+
+
+#: file suffix -> the runtime serving such a file with no code ("module:Class",
+#: imported only when used, so a device without TFLite never loads it)
+NO_CODE_RUNTIMES: dict[str, str] = {
+    ".onnx": "modelfleet.scoring.runtimes.onnx:OnnxRuntime",
+    ".tflite": "modelfleet.scoring.runtimes.tflite:TfliteRuntime",
+}
+ENTRY_SCRIPT_RUNTIME = "modelfleet.scoring.runtimes.entry_script:EntryScriptRuntime"
+
+
+def runtime_class(ref: str) -> Any:
+    """Import a runtime class named "module:Class"."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
