@@ -174,3 +174,24 @@ def test_killed_agent_leaves_its_last_will(mosquitto: Any, controller: Controlle
     agent.kill()
     wait_until(lambda: controller.presence["dev-will"][-1].online is False, 15, "last will")
     assert controller.presence["dev-will"][-1].clean is False
+
+
+def test_sigkill_at_arbitrary_instants_always_restarts_into_a_good_version(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", pad_onnx(digits_onnx, tmp_path / "v1" / "model.onnx", 20 << 20))
+    v2 = artifact_registry.register("digits", pad_onnx(digits_onnx_v2, tmp_path / "v2" / "model.onnx", 20 << 20))
+    agent = agents("dev-chaos", mosquitto.port)
+    controller.wait_reported("dev-chaos", controller.desire("dev-chaos", v1), "applied", timeout=60)
+    # the crash instant is the variable here (not a synchronisation): spread over the whole apply
+    for i, delay in enumerate((0.0, 0.05, 0.15, 0.3, 0.6)):
+        target = v2 if i % 2 == 0 else v1
+        version = controller.desire("dev-chaos", target)
+        time.sleep(delay)
+        agent.kill()
+        agent.start()
+        port = agent.scoring_port
+        assert serving_version(port) in {"1", "2"}
+        controller.wait_reported("dev-chaos", version, "applied", timeout=60)
+        assert serving_version(port) == str(target.version)
