@@ -72,3 +72,17 @@ def test_cli_reports_config_errors_in_one_line(
     )
     assert main(["serve"]) == 2
     assert "model_dir (--model-dir / MODELFLEET_MODEL_DIR): required" in capsys.readouterr().err
+
+
+def test_cli_reports_a_bad_keys_file_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"secondary": "only"}')
+    code = main(["serve", "--model-dir", str(tmp_path), "--port", "0", "--keys-file", str(keys)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f'error: keys_file (--keys-file / MODELFLEET_KEYS_FILE): {keys} needs a non-empty "primary" key '
+        '(and optionally "secondary")'
+    )

@@ -85,3 +85,35 @@ def test_missing_tflite_runtime_is_a_clear_load_error(monkeypatch: pytest.Monkey
         tflite.interpreter_class()
     assert info.value.stage == "load"
     assert "no TFLite runtime installed" in info.value.reason
+
+
+def test_model_folder_and_entry_script_errors_name_the_problem(tmp_path: Path) -> None:
+    from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
+
+    host = ModelHost()
+
+    def refused(spec: ModelSpec) -> str:
+        with pytest.raises(ModelLoadError) as info:
+            host.load(spec)
+        assert info.value.stage == "load"
+        return info.value.reason
+
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.onnx").write_bytes(b"x")
+    (two / "b.tflite").write_bytes(b"x")
+    assert refused(ModelSpec(two)) == f"{two} holds several models (a.onnx, b.tflite); give an entry script to choose"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert refused(ModelSpec(notes)) == f"{notes} is not an .onnx or .tflite file"
+    assert refused(ModelSpec(tmp_path, "nope.py")).startswith("entry script not found: ")
+    (tmp_path / "no_run.py").write_text("def init():\n    pass\n")
+    assert refused(ModelSpec(tmp_path, "no_run.py")) == "no_run.py defines no run() function"
+    (tmp_path / "broken.py").write_text("def run(:\n")
+    assert refused(ModelSpec(tmp_path, "broken.py")).startswith("importing broken.py failed: SyntaxError")
+    (tmp_path / "bad_import.py").write_text("import not_a_module_anywhere\n")
+    assert refused(ModelSpec(tmp_path, "bad_import.py")) == (
+        "importing bad_import.py failed: ModuleNotFoundError: No module named 'not_a_module_anywhere'"
+    )
+    assert host.active is None
+    assert host.metrics.load_failures == 6

@@ -46,16 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in {"command", "config"}}
     try:
         settings = load_settings(flags, config_file=args.config)
-    except ConfigError as exc:
-        flag = "--" + exc.field.replace("_", "-")
-        known = exc.field in ServerSettings.__dataclass_fields__
-        where = f" ({flag} / {env_name(exc.field)})" if known else ""
-        print(f"error: {exc.field}{where}: {exc.problem}", file=sys.stderr)
-        return 2
-    if settings.model_dir is None:
-        print("error: model_dir (--model-dir / MODELFLEET_MODEL_DIR): required", file=sys.stderr)
-        return 2
-    from .runner import configure_logging, serve
+        if settings.model_dir is None:
+            raise ConfigError("model_dir", "required")
+        from .runner import configure_logging, serve
 
-    configure_logging(settings.log_level)
-    return serve(settings)
+        configure_logging(settings.log_level)
+        return serve(settings)
+    except ConfigError as exc:
+        print(_config_error_line(exc), file=sys.stderr)
+        return 2
+
+
+def _config_error_line(exc: ConfigError) -> str:
+    known = exc.field in ServerSettings.__dataclass_fields__
+    where = f" (--{exc.field.replace('_', '-')} / {env_name(exc.field)})" if known else ""
+    return f"error: {exc.field}{where}: {exc.problem}"
