@@ -57,6 +57,13 @@ class RunningServer:
         self.host.unload()
 
 
+@pytest.fixture(autouse=True)
+def _restore_model_dir_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entry scripts set the model folder env vars in-process; undo that after each test."""
+    for var in ("MODELFLEET_MODEL_DIR", "AZUREML_MODEL_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., RunningServer]]:
     """Start a server for a ModelSpec (or none) with the given settings; stopped after the test."""
@@ -109,7 +116,9 @@ def serve_process() -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]
 
     def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> tuple[subprocess.Popen[str], str]:
         port = free_port()
-        full_env = {**os.environ, **(env or {})}
+        # in-process entry-script loads (any test's) leave their model folder in the env
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("MODELFLEET_", "AZUREML_"))}
+        full_env = {**inherited, **(env or {})}
         proc = subprocess.Popen(
             serve_command(*args, "--port", str(port), "--host", "127.0.0.1"),
             stdout=subprocess.PIPE,
