@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 
+from modelfleet.agent import reconciler as reconciler_module
 from modelfleet.agent.errors import ProtocolError
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.agent.protocol import DEFAULT_PREFIX, DesiredState, Presence, ReportedState, Topics
@@ -229,6 +230,10 @@ class SimulatedFleet:
         self.fail_versions = fail_versions
         self.loop = asyncio.get_running_loop()
         self.loop.set_default_executor(_InlineExecutor())
+        # the reconciler trims the C heap after every swap (a real device just freed a model);
+        # here nothing was freed, and 10,000 trims of one big heap (each also looking libc up
+        # with `ldconfig`) would cost more than the rest of the simulation
+        reconciler_module.trim_heap = lambda: None
         self.devices: list[SimulatedDevice] = []
         self._misc: asyncio.Task[None] | None = None
 

@@ -103,6 +103,7 @@ class MqttFleetBackend:
         self._changed = threading.Condition(self._lock)
         self._devices: dict[str, DeviceInfo] = {}
         self._log = ChangeLog()
+        self._echo: dict[str, bytes] = {}  # desired payloads we published, until the broker echoes them
         self._telemetry: dict[str, deque[_Telemetry]] = {}
         self._last_seq: dict[str, int] = {}
         self._sync_topic = f"{settings.prefix}/_sync/{uuid.uuid4().hex}"
@@ -218,6 +219,8 @@ class MqttFleetBackend:
                     tags=tags if tags is not None else d.tags,
                 )
             elif kind == "desired":
+                if self._echo.pop(device_id, None) == payload:
+                    return  # our own publish coming back: already applied to our view
                 if not payload:
                     d = replace(d, desired=None)
                 else:
@@ -311,6 +314,8 @@ class MqttFleetBackend:
                     doc = templates[id(ref)] = DesiredState(version, ref, issued_at=now).to_dict()
                 doc["$version"] = version
                 payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+            with self._lock:
+                self._echo[device_id] = payload
             info = self.client.publish(topic, payload, qos=1, retain=True)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise FleetError(f"publishing the desired state of {device_id!r} failed: {mqtt.error_string(info.rc)}")
