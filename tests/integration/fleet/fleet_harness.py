@@ -35,13 +35,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 class Agent:
     """`python -m modelfleet.agent run --config FILE` with its own state folder."""
 
-    def __init__(self, workdir: Path, device_id: str, broker_port: int) -> None:
+    def __init__(self, workdir: Path, device_id: str, broker_port: int, tags: dict[str, str] | None = None) -> None:
         self.device_id = device_id
         self.config = workdir / f"{device_id}.toml"
         self.log = workdir / f"{device_id}.log"
         self.config.write_text(
             f'[device]\nid = "{device_id}"\n'
-            f'[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
+            + "".join(f'tags.{k} = "{v}"\n' for k, v in (tags or {}).items())
+            + f'[broker]\nhost = "127.0.0.1"\nport = {broker_port}\n'
             f'[store]\ndir = "{workdir / (device_id + "-state")}"\nreserve_mb = 0\ntoken = "{TOKEN}"\n'
             "[scoring]\nport = 0\n"
             "[telemetry]\ninterval_s = 0.3\n"
@@ -107,8 +108,8 @@ class Fleet:
     def register(self, name: str, path: Path) -> int:
         return int(self.registry.register(name, path).model.version)
 
-    def start_agents(self, count: int, prefix: str = "dev") -> list[Agent]:
-        new = [Agent(self.workdir, f"{prefix}-{i:02d}", self.broker_port).start() for i in range(count)]
+    def start_agents(self, count: int, prefix: str = "dev", tags: dict[str, str] | None = None) -> list[Agent]:
+        new = [Agent(self.workdir, f"{prefix}-{i:02d}", self.broker_port, tags).start() for i in range(count)]
         for a in new:
             self.agents[a.device_id] = a
         for a in new:

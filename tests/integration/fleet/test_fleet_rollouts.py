@@ -182,13 +182,14 @@ def test_offline_device_is_pending_then_converges_after_reconnect(
 def test_conflicting_rollout_is_refused_and_tags_target_devices(
     fleet: Fleet, digits_onnx: Path, digits_onnx_v2: Path
 ) -> None:
-    agents = fleet.start_agents(3)
+    agents = fleet.start_agents(3, tags={"hw": "rpi4", "site": "lab"})  # declared in the agents' config
     fleet.register("digits", digits_onnx)
     fleet.register("digits", digits_onnx_v2)
-    for a in agents[:2]:
+    for a in agents[:2]:  # central tags win over declared ones
         assert fleet.cli("tag", a.device_id, "site=plant-1").returncode == 0
-    listing = fleet.cli_json("devices", "--where", "tags.site = 'plant-1'")
+    listing = fleet.cli_json("devices", "--where", "tags.site = 'plant-1' AND tags.hw = 'rpi4'")
     assert [d["device_id"] for d in listing] == [a.device_id for a in agents[:2]]
+    assert listing[0]["tags"] == {"hw": "rpi4", "site": "plant-1"}
 
     # a long soak keeps the first rollout active while the second is tried
     first = fleet.cli("rollout", "create", "slow", "--model", "digits:1", "--target", "tags.site = 'plant-1'",

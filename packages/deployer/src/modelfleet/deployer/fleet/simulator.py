@@ -169,8 +169,8 @@ class SimulatedDevice:
             log.warning("event=refused device=%s rc=%d", self.device_id, rc)
             return
         client.subscribe(self.topics.desired, qos=1)
-        birth = {**Presence(self.device_id, True, ts=time.time(), agent_version="simulated").to_dict(), "tags": self.tags}
-        client.publish(self.topics.presence, json.dumps(birth).encode(), qos=1, retain=True)
+        birth = Presence(self.device_id, True, ts=time.time(), agent_version="simulated", tags=self.tags)
+        client.publish(self.topics.presence, birth.encode(), qos=1, retain=True)
         if self._last_reported is not None:
             client.publish(self.topics.reported, self._last_reported, qos=1, retain=True)
         self.connected.set()
@@ -233,7 +233,7 @@ class SimulatedFleet:
         # the reconciler trims the C heap after every swap (a real device just freed a model);
         # here nothing was freed, and 10,000 trims of one big heap (each also looking libc up
         # with `ldconfig`) would cost more than the rest of the simulation
-        reconciler_module.trim_heap = lambda: None
+        reconciler_module.trim_heap = lambda: None  # type: ignore[attr-defined]
         self.devices: list[SimulatedDevice] = []
         self._misc: asyncio.Task[None] | None = None
 

@@ -211,12 +211,12 @@ class MqttFleetBackend:
                 if not payload:
                     return
                 p = Presence.decode(payload)
-                tags = _presence_tags(payload)
                 d = replace(
                     d,
                     online=p.online,
                     last_seen=max(d.last_seen or 0.0, p.ts or time.time()),
-                    tags=tags if tags is not None else d.tags,
+                    # tags come with the birth message; the last will carries none
+                    tags=p.tags if p.tags is not None else d.tags,
                 )
             elif kind == "desired":
                 if self._echo.pop(device_id, None) == payload:
@@ -394,16 +394,6 @@ class MqttFleetBackend:
     def wait(self, timeout: float) -> None:
         with self._lock:
             self._changed.wait(timeout)
-
-
-def _presence_tags(payload: bytes) -> dict[str, Any] | None:
-    """Tags a device declares in its birth message (optional `tags` object, protocol-additive)."""
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        return None
-    tags = data.get("tags") if isinstance(data, dict) else None
-    return dict(tags) if isinstance(tags, dict) else None
 
 
 def validate_device_id(device_id: str) -> str:
