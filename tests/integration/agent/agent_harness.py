@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -70,11 +71,14 @@ class Controller:
     desired_version: int = 0
     #: a persistent session: the broker keeps QoS 1 messages for the controller while it is away
     durable: bool = False
+    ca_file: Path | None = None  # TLS to the broker, trusting this CA
 
     def start(self) -> Controller:
         client = mqtt.Client(client_id=f"controller-{uuid.uuid4().hex[:8]}", clean_session=not self.durable)
         if self.username:
             client.username_pw_set(self.username, self.password)
+        if self.ca_file is not None:
+            client.tls_set(ca_certs=str(self.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]
         subscribed = threading.Event()
 

@@ -204,3 +204,22 @@ def test_commands_get_state_rollback_restart_and_unknown(
     port = agent.scoring_port
     controller.wait_reported("dev-5", d2, "failed")
     assert serving_version(port) == "1"
+
+
+def test_disk_reserve_refusal_is_reported_and_v1_keeps_serving(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-disk", mosquitto.port)
+    controller.wait_reported("dev-disk", controller.desire("dev-disk", v1), "applied")
+    # the same device, restarted with a reserve larger than any disk
+    agent.terminate()
+    agent.reconfigure(store_reserve_mb=1 << 40)
+    agent.start()
+    d2 = controller.desire("dev-disk", v2)
+    report = controller.wait_reported("dev-disk", d2, "failed")
+    assert report.stage == "download"
+    assert "not enough disk space for digits:2" in (report.reason or "")
+    assert serving_version(agent.scoring_port) == "1"

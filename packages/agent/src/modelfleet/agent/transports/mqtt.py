@@ -72,6 +72,7 @@ class MqttTransport:
         self._connected = False
         self._last_reported: bytes | None = None
         self._pending: dict[int, asyncio.Future[bool]] = {}
+        self._connector: asyncio.Task[None] | None = None
         self._client = self._make_client()
 
     @property
@@ -102,11 +103,28 @@ class MqttTransport:
         self._handler = handler
         s = self.settings
         log.info("event=mqtt_connecting host=%s port=%d device=%s", s.host, s.port, s.device_id)
-        # connect_async + loop_start: paho keeps retrying in its thread while the broker is away
-        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+        self._connector = asyncio.create_task(self._first_connect(), name="mqtt-connect")
+
+    async def _first_connect(self) -> None:
+        """Connect, retrying with backoff and logging why (paho's own retry loop hides the reason,
+        e.g. a certificate the device does not trust); after that paho reconnects by itself."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        delay = s.reconnect_min_s
+        while True:
+            try:
+                await loop.run_in_executor(None, self._client.connect, s.host, s.port, s.keepalive_s)
+                break
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.warning("event=mqtt_connect_failed host=%s port=%d reason=%r retry_in_s=%.1f",
+                            s.host, s.port, str(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, s.reconnect_max_s)
         self._client.loop_start()
 
     async def stop(self) -> None:
+        if self._connector is not None and not self._connector.done():
+            self._connector.cancel()
         if self._connected:
             bye = Presence(
                 self.settings.device_id, online=False, ts=time.time(),
