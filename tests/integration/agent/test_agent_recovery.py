@@ -195,3 +195,20 @@ def test_sigkill_at_arbitrary_instants_always_restarts_into_a_good_version(
         assert serving_version(port) in {"1", "2"}
         controller.wait_reported("dev-chaos", version, "applied", timeout=60)
         assert serving_version(port) == str(target.version)
+
+
+def test_agent_started_before_the_broker_connects_once_it_is_up(
+    mosquitto: Any, artifact_registry: RegistryHandle, agents: Any, digits_onnx: Path, tmp_path: Path,
+) -> None:
+    late = type(mosquitto)(tmp_path / "late", extra_config="allow_anonymous true\nuser root\n")
+    late.workdir.mkdir()
+    agent = agents("dev-early", late.port)
+    agent.wait_log(r"event=mqtt_connect_failed .*Connection refused")
+    late.start()
+    controller = Controller(late.port).start()
+    try:
+        v1 = artifact_registry.register("digits", digits_onnx)
+        controller.wait_reported("dev-early", controller.desire("dev-early", v1), "applied")
+    finally:
+        controller.stop()
+        late.stop()
