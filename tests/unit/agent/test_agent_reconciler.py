@@ -170,3 +170,28 @@ def test_same_version_number_for_another_model_is_applied_after_restart(
 
     asyncio.run(apply(v1, restore=False))
     asyncio.run(apply(v2, restore=True))
+
+
+def test_reissued_desired_state_for_the_same_bytes_does_not_swap(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path
+) -> None:
+    import dataclasses
+
+    v1 = onnx_ref(blob_server, digits_onnx, 1)
+    moved = dataclasses.replace(v1, url=v1.url.replace("127.0.0.1", "localhost"))
+
+    async def go() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, v1))
+        await h.until(lambda: h.reported(1, "applied"))
+        h.reconciler.drain_swap_events()
+        before = len(h.reports)
+        h.reconciler.on_desired(DesiredState(2, moved))
+        await h.until(lambda: h.reported(2, "applied"))
+        assert [r.status for r in h.reports[before:]] == ["applied"]
+        assert h.reconciler.drain_swap_events() == []
+        assert h.reconciler.state.active == moved
+        task.cancel()
+
+    asyncio.run(go())

@@ -173,7 +173,8 @@ class Reconciler:
     async def _apply(self, desired: DesiredState, attempt: int) -> None:
         ref = desired.model
         active = self.state.active
-        if active is not None and active == ref and self.host.active is not None:
+        if active is not None and _same_model(active, ref) and self.host.active is not None:
+            self.state.active = ref  # e.g. a new artifact URL for the same bytes
             await self._finish(desired, ref, swapped=False)
             return
         await self._report("applying", desired.version, stage="download", attempt=attempt)
@@ -317,3 +318,10 @@ class Reconciler:
         self.last_report = state
         await self._report_cb(state)
         return state
+
+
+def _same_model(a: ModelVersionRef, b: ModelVersionRef) -> bool:
+    """The same bytes served the same way (the URL and signature may differ)."""
+    return (a.sha256, a.name, a.version, a.format, a.filename, a.entry_script) == (
+        b.sha256, b.name, b.version, b.format, b.filename, b.entry_script,
+    )
