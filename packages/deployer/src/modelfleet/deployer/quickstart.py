@@ -40,6 +40,7 @@ class QuickstartSummary:
     calls: list[dict[str, Any]] = field(default_factory=list)
     kept: bool = False
     seconds: float = 0.0
+    devices: dict[str, Any] | None = None  # the device side (fleet.local), when run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +52,7 @@ class QuickstartSummary:
             "calls": self.calls,
             "service_kept": self.kept,
             "seconds": round(self.seconds, 2),
+            "devices": self.devices,
         }
 
 
@@ -102,6 +104,7 @@ def run_quickstart(
     *,
     keep: bool = False,
     progress: Progress = print,
+    devices: int = 3,
 ) -> QuickstartSummary:
     """Run every step; cleans up the service unless `keep` (also on Ctrl-C)."""
     started = time.monotonic()
@@ -121,6 +124,12 @@ def run_quickstart(
             update(manager, v2, progress)
             summary.versions.append(v2.key)
             summary.calls.append(call(manager, 3, progress))
+            if devices:
+                # the device side: broker, artifact server, agents, v1 then v2 in two stages
+                from modelfleet.deployer.fleet.local import run_device_quickstart
+
+                fleet = run_device_quickstart(registry, v1, v2, Path(tmp) / "fleet", progress, devices)
+                summary.devices = fleet.to_dict()
     finally:
         if deployed and not keep:
             with contextlib.suppress(ServiceNotFoundError):
