@@ -261,6 +261,10 @@ class Registry:
             ).fetchone()
             if same is not None:
                 return RegisterResult(_row_to_model(same), created=False)
+            if not self.blobs.exists(stored.sha256):
+                # A concurrent delete of the last version with these bytes removed
+                # the blob after we stored it; store it again under the lock.
+                self.blobs.put(path)
             (latest,) = conn.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM models WHERE name = ?", (name,)
             ).fetchone()
