@@ -100,3 +100,22 @@ def test_protocol_import_pulls_no_heavy_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"device_id": "d", "status": "applied", "attempt": "x"}', "'attempt' must be an integer"),
+        (b'{"device_id": "d", "status": "applied", "updated_at": "soon"}', "'updated_at' must be a number"),
+        (b'{"device_id": "d", "status": "applied", "active": {"name": 1}}', "active: needs 'name'"),
+        (b'{"device_id": "d", "status": "applied", "$version": -1}', "'\\$version' must be an integer >= 1"),
+    ],
+)
+def test_bad_reported_state_from_a_device_is_a_protocol_error(payload: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        ReportedState.decode(payload)
+
+
+def test_bad_presence_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="'ts' must be a number"):
+        Presence.decode(b'{"device_id": "d", "online": true, "ts": "now"}')

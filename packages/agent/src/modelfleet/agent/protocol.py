@@ -123,6 +123,13 @@ def _int(data: dict[str, Any], key: str, what: str, *, minimum: int = 0) -> int:
     return value
 
 
+def _num(data: dict[str, Any], key: str, what: str) -> float:
+    value = data.get(key) or 0.0
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"{what}: {key!r} must be a number")
+    return float(value)
+
+
 def _opt_str(data: dict[str, Any], key: str, what: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
@@ -271,9 +278,9 @@ class ReportedState:
             applied_version=applied,
             stage=_opt_str(data, "stage", what),
             reason=_opt_str(data, "reason", what),
-            attempt=int(data.get("attempt", 0) or 0),
-            updated_at=float(data.get("updated_at", 0.0) or 0.0),
-            agent_version=str(data.get("agent_version", "") or ""),
+            attempt=_int(data, "attempt", what) if data.get("attempt") is not None else 0,
+            updated_at=_num(data, "updated_at", what),
+            agent_version=_opt_str(data, "agent_version", what) or "",
         )
 
     @classmethod
@@ -326,9 +333,9 @@ class Presence:
         return cls(
             device_id,
             online,
-            float(data.get("ts", 0.0) or 0.0),
-            str(data.get("agent_version", "") or ""),
-            bool(data.get("clean", False)),
+            _num(data, "ts", "presence"),
+            _opt_str(data, "agent_version", "presence") or "",
+            data.get("clean") is True,
             tags,
         )
 
