@@ -116,3 +116,20 @@ def test_a_folder_model_downloads_as_the_folder(cli: Cli, tmp_path: Path) -> Non
     assert target == tmp_path / "out" / "bundle"
     assert (target / "assets" / "labels.txt").read_text() == "zero\none\n"
     assert (target / "score_helpers.py").read_text() == "X = 1\n"
+
+
+def test_a_service_that_cannot_be_stopped_is_kept_unless_forced(cli: Cli) -> None:
+    from modelfleet.deployer.registry import Registry
+    from modelfleet.deployer.targets.base import ServiceRecord
+
+    registry = Registry()
+    registry.reserve_service("orphan", "retired-target", {})
+    registry.save_service(ServiceRecord("orphan", "retired-target", "healthy"))
+    out = cli("service", "delete", "orphan")
+    assert out.exit_code == 1
+    assert "error: unknown deployment target 'retired-target'" in out.stderr
+    assert "`modelfleet service delete orphan --force` forgets it anyway" in out.stderr
+    assert registry.get_service("orphan").state == "failed"
+    forced = cli("service", "delete", "orphan", "--force")
+    assert forced.exit_code == 0 and "deleted orphan" in forced.stdout
+    assert registry.list_services() == []

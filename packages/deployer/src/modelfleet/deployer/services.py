@@ -140,11 +140,19 @@ class ServiceManager:
         log.info("event=updated service=%s models=%s", name, updated.models)
         return updated
 
-    def delete(self, name: str, progress: Progress = _quiet) -> ServiceRecord:
+    def delete(self, name: str, progress: Progress = _quiet, *, force: bool = False) -> ServiceRecord:
+        """Stop the service and forget it; `force` forgets it even if stopping fails."""
         record = self.registry.get_service(name)
         self.registry.set_service_state(name, "deleting")
         try:
             get_target(record.target).delete(record, progress)
+        except DeployerError as exc:
+            if not force:
+                self.registry.set_service_state(name, "failed")
+                force_hint = f"`modelfleet service delete {name} --force` forgets it anyway"
+                exc.hint = f"{exc.hint}; {force_hint}" if exc.hint else force_hint
+                raise
+            progress(f"could not stop {name} ({exc}); forgetting it anyway (--force)")
         except BaseException:
             self.registry.set_service_state(name, "failed")
             raise

@@ -191,9 +191,13 @@ def update(
 
 
 @app.command()
-def delete(service: str = typer.Argument(...), output: OutputFormat = OutputOption) -> None:
+def delete(
+    service: str = typer.Argument(...),
+    force: bool = typer.Option(False, "--force", help="forget it even if it cannot be stopped"),
+    output: OutputFormat = OutputOption,
+) -> None:
     """Stop the service and forget it."""
-    record = _manager().delete(service, progress_for(output))
+    record = _manager().delete(service, progress_for(output), force=force)
     if output is OutputFormat.json:
         emit_json({"deleted": record.name})
     else:

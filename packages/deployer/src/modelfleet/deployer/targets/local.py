@@ -205,6 +205,10 @@ class LocalTarget:
                 "or leave it out to pick a free one",
             )
         port = port or _free_port()
+        if spec.deployment.replicas > 1 or spec.deployment.autoscale_enabled:
+            # One process, so that an update's load request reaches the only copy
+            # serving traffic; replicas belong to the docker/kubernetes targets.
+            progress("the local target runs one server process; numReplicas/autoScaler ignored")
         workdir = spec.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         keys_file = self._write_keys(spec, workdir)
