@@ -157,7 +157,7 @@ def test_bad_desired_state_is_reported_and_changes_nothing(
     agent = agents("dev-4", mosquitto.port)
     controller.wait_reported("dev-4", controller.desire("dev-4", v1), "applied")
     controller.publish_raw("modelfleet/v1/dev-4/desired", b'{"$version": 9, "model": {"name": "x"}}', retain=True)
-    report = controller.wait_reported("dev-4", None, "failed")
+    report = controller.wait_reported("dev-4", 9, "failed")
     assert report.stage == "desired" and "missing field 'version'" in (report.reason or "")
     assert serving_version(agent.scoring_port) == "1"
 

@@ -106,8 +106,8 @@ class Agent:
     def on_desired(self, state: DesiredState) -> None:
         self.reconciler.on_desired(state)
 
-    def on_bad_desired(self, reason: str) -> None:
-        self._spawn(self.reconciler.on_bad_desired(reason))
+    def on_bad_desired(self, reason: str, version: int | None) -> None:
+        self._spawn(self.reconciler.on_bad_desired(reason, version))
 
     def on_command(self, request: CommandRequest) -> None:
         self._spawn(self._command(request))

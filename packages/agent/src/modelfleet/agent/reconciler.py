@@ -89,8 +89,9 @@ class Reconciler:
         self._cancel.set()  # abandon work on an older version, if any
         self._wake.set()
 
-    async def on_bad_desired(self, reason: str) -> None:
-        await self._report("failed", None, stage="desired", reason=reason)
+    async def on_bad_desired(self, reason: str, version: int | None) -> None:
+        """Report an undecodable desired state; what is serving stays as it is."""
+        await self._report("failed", version, stage="desired", reason=reason)
 
     def stop(self) -> None:
         """Abandon any download in progress (its bytes stay for a resume); called on shutdown."""

@@ -18,8 +18,9 @@ class TwinHandler(Protocol):
     def on_desired(self, state: DesiredState) -> None:
         """A (possibly repeated) desired state arrived."""
 
-    def on_bad_desired(self, reason: str) -> None:
-        """A desired state arrived that could not be decoded; `reason` names what was wrong."""
+    def on_bad_desired(self, reason: str, version: int | None) -> None:
+        """A desired state arrived that could not be decoded; `reason` names what was wrong,
+        `version` is its `$version` when that much could be read."""
 
     def on_command(self, request: CommandRequest) -> None:
         """A command arrived; answer it with `TwinTransport.respond`."""
