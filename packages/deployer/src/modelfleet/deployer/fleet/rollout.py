@@ -352,7 +352,9 @@ class RolloutEngine:
         n_applied = counts.get("applied", 0)
         if n_applied and r.soak_s > 0:
             applied = self.store.device_ids(name, r.stage, "applied")
-            health = self.backend.telemetry(applied, since=r.soak_started_at)
+            health = self.backend.telemetry(
+                applied, since=r.soak_started_at, model=(r.model.name, r.model.version)
+            )
             if health.requests and health.error_rate > r.max_error_rate:
                 reason = (
                     f"stage {r.stage + 1}: telemetry gate: error rate {health.error_rate:.1%} "

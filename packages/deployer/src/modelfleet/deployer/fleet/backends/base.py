@@ -115,8 +115,11 @@ class FleetBackend(Protocol):
     def set_desired(self, assignments: Mapping[str, ModelVersionRef | None]) -> dict[str, int]:
         """Publish desired states (None clears one); returns the `$version` issued per device."""
 
-    def telemetry(self, device_ids: Iterable[str], since: float) -> TelemetrySummary:
-        """Health of the devices' scoring since `since` (epoch seconds)."""
+    def telemetry(
+        self, device_ids: Iterable[str], since: float, model: tuple[str, int] | None = None
+    ) -> TelemetrySummary:
+        """Health of the devices' scoring in the records received since `since` (this
+        machine's clock, epoch seconds), only those serving `model` (name, version) if given."""
 
     def changed(self, cursor: int | None) -> tuple[int, list[str]]:
         """Devices whose state changed since `cursor` (None: just a fresh cursor), and the new cursor."""

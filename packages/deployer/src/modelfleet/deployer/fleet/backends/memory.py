@@ -82,7 +82,9 @@ class MemoryFleetBackend:
         self._devices[device_id] = replace(d, tags=merged)
         return self._devices[device_id]
 
-    def telemetry(self, device_ids: Iterable[str], since: float) -> TelemetrySummary:
+    def telemetry(
+        self, device_ids: Iterable[str], since: float, model: tuple[str, int] | None = None
+    ) -> TelemetrySummary:
         wanted = set(device_ids)
         rows = [t for t in self._telemetry if t[0] in wanted and t[1] >= since]
         p99s = [t[4] for t in rows if t[4] is not None]

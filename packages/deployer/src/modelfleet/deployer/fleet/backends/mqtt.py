@@ -87,6 +87,8 @@ class MqttFleetSettings:
 @dataclass
 class _Telemetry:
     ts: float
+    received: float
+    model: tuple[str, int] | None
     requests: int
     errors: int
     buckets: tuple[float, ...] | None
@@ -200,6 +202,8 @@ class MqttFleetBackend:
             self._apply(device_id, kind, bytes(msg.payload))
         except ProtocolError as exc:
             log.warning("event=bad_message device=%s kind=%s reason=%r", device_id, kind, str(exc))
+        except Exception as exc:  # one odd message must not kill paho's network thread
+            log.warning("event=bad_message device=%s kind=%s reason=%r", device_id, kind, repr(exc))
 
     def _apply(self, device_id: str, kind: str, payload: bytes) -> None:
         if kind == "telemetry":
@@ -268,9 +272,12 @@ class MqttFleetBackend:
                 buckets, counts, p99 = lat.get("buckets"), lat.get("counts"), lat.get("p99")
                 ts = float(rec.get("ts") or now)
                 latest_ts = max(latest_ts, ts)
+                served = rec.get("model")
                 keep.append(
                     _Telemetry(
                         ts=ts,
+                        received=now,
+                        model=_served(served),
                         requests=int(rec.get("requests") or 0),
                         errors=int(rec.get("errors") or 0),
                         buckets=tuple(buckets) if isinstance(buckets, list) else None,
@@ -351,7 +358,9 @@ class MqttFleetBackend:
         while self.client.want_write() and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def telemetry(self, device_ids: Iterable[str], since: float) -> TelemetrySummary:
+    def telemetry(
+        self, device_ids: Iterable[str], since: float, model: tuple[str, int] | None = None
+    ) -> TelemetrySummary:
         requests = errors = reporting = 0
         hist: list[int] | None = None
         bounds: tuple[float, ...] | None = None
@@ -359,7 +368,13 @@ class MqttFleetBackend:
         mergeable = True
         with self._lock:
             for device_id in device_ids:
-                recs = [r for r in self._telemetry.get(device_id, ()) if r.ts >= since]
+                # receive time, not the device's clock (it may be off); and only intervals that
+                # ended serving the version under test, not the one it replaced
+                recs = [
+                    r
+                    for r in self._telemetry.get(device_id, ())
+                    if r.received >= since and (model is None or r.model == model)
+                ]
                 if recs:
                     reporting += 1
                 for r in recs:
@@ -394,6 +409,16 @@ class MqttFleetBackend:
     def wait(self, timeout: float) -> None:
         with self._lock:
             self._changed.wait(timeout)
+
+
+def _served(model: Any) -> tuple[str, int] | None:
+    """(name, version) of a telemetry record's `model`, None when absent or not a model version."""
+    if not isinstance(model, dict):
+        return None
+    try:
+        return str(model.get("name")), int(model.get("version"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def validate_device_id(device_id: str) -> str:
