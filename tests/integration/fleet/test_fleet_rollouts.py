@@ -198,6 +198,8 @@ def test_conflicting_rollout_is_refused_and_tags_target_devices(
     second = fleet.cli("rollout", "create", "clash", "--model", "digits:2", "--target", "*")
     assert second.returncode != 0
     assert f"conflicts with rollout 'slow' (running): device '{agents[0].device_id}' (and 1 more devices)" in second.stderr
+    busy = fleet.cli("device", "set", agents[0].device_id, "--model", "digits:2")
+    assert busy.returncode != 0 and f"device '{agents[0].device_id}' is in rollout 'slow' (running)" in busy.stderr
     assert fleet.cli("rollout", "abort", "slow").returncode == 0
     listed = fleet.cli_json("rollout", "list")
     assert [(r["name"], r["state"]) for r in listed] == [("slow", "aborted")]
@@ -210,3 +212,12 @@ def test_conflicting_rollout_is_refused_and_tags_target_devices(
     assert fleet.cli_json("rollout", "status", "bg")["state"] == "succeeded"
     for a in agents:
         fleet.wait_device(a.device_id, lambda d: d.active == "digits:2", "on v2")
+
+    # one device by hand, for debugging
+    one = agents[2].device_id
+    shown = fleet.cli_json("device", "set", one, "--model", "digits:1", "--wait", "30s")
+    assert (shown["model"], shown["status"]) == ("digits:1", "applied")
+    detail = fleet.cli_json("device", "show", one)
+    assert detail["document"]["reported"]["model"]["version"] == 1
+    missing = fleet.cli("device", "show", "no-such-device")
+    assert missing.returncode != 0 and "no device 'no-such-device' has been seen" in missing.stderr

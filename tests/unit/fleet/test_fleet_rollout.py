@@ -282,3 +282,29 @@ def test_driving_a_rollout_twice_at_once_is_refused(fleet: tuple[RolloutEngine, 
     engine.create(RolloutSpec("r", ref(2)))
     with engine.lease("r"), pytest.raises(FleetError, match="already driven by another process"):
         engine.drive("r")
+
+
+def test_device_outcome_follows_the_issued_desired_version() -> None:
+    from modelfleet.deployer.fleet.backends.base import DeviceInfo
+
+    assert DeviceInfo("d", status="applying", report_version=7).outcome(7) == "pending"
+    assert DeviceInfo("d", status="applied", report_version=7).outcome(7) == "applied"
+    assert DeviceInfo("d", status="failed", report_version=7).outcome(7) == "failed"
+    # a report about an older desired state says nothing about ours
+    assert DeviceInfo("d", status="failed", report_version=6, applied_version=5).outcome(7) == "pending"
+    # already past it (a newer desired state was applied)
+    assert DeviceInfo("d", status="applying", report_version=9, applied_version=8).outcome(7) == "applied"
+
+
+def test_change_log_reads_from_a_cursor() -> None:
+    from modelfleet.deployer.fleet.backends.base import ChangeLog
+
+    log = ChangeLog()
+    cursor, seen = log.read(None)
+    assert seen == []
+    log.add("a")
+    log.add("b")
+    cursor, seen = log.read(cursor)
+    assert seen == ["a", "b"]
+    log.add("a")
+    assert log.read(cursor) == (3, ["a"])
