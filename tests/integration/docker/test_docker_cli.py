@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import containers_of
+from docker_helpers import containers_of
 
 from modelfleet.deployer.samples import digits_rows
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Deployed, SpecFactory
+from docker_helpers import Deployed, SpecFactory
 
 from modelfleet.deployer.docker_images import build_image, ensure_base_image
 from modelfleet.deployer.targets.base import InferenceConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpecFactory, binding, containers_of
+from docker_helpers import SpecFactory, binding, containers_of
 
 from modelfleet.deployer.errors import DeploymentError
 from modelfleet.deployer.targets.base import DeploymentConfig, InferenceConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import containers_of
+from docker_helpers import containers_of
 
 from modelfleet.deployer.errors import ServiceCallError
 from modelfleet.deployer.registry import Registry

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Deployed, SpecFactory, containers_of
+from docker_helpers import Deployed, SpecFactory, containers_of
 
 from modelfleet.deployer.samples import digits_rows
 from modelfleet.deployer.targets.base import DeploymentConfig, ServiceRecord, ServiceSpec
@@ -26,7 +26,7 @@ def service(
     docker_target: DockerTarget, digits_onnx: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServiceSpec, ServiceRecord, list[str]]]:
     """One digits service shared by the read-only tests of this module."""
-    from conftest import binding
+    from docker_helpers import binding
 
     from modelfleet.deployer.targets.base import InferenceConfig
 
@@ -218,7 +218,7 @@ def test_several_models_are_laid_out_as_azureml_does(
     digits_onnx_v2: Path,
     tmp_path: Path,
 ) -> None:
-    from conftest import binding
+    from docker_helpers import binding
 
     from modelfleet.deployer.targets.base import InferenceConfig
 

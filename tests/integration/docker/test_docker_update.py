@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Deployed, SpecFactory, binding
+from docker_helpers import Deployed, SpecFactory, binding
 
 from modelfleet.deployer.errors import DeploymentError
 from modelfleet.deployer.samples import digits_rows
