@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
     tmp_path: Path, digits_onnx: Path, digits_onnx_v2: Path, docker_client: Any
 ) -> None:
     home = tmp_path / "home"
+    svc = f"cli-docker-{uuid.uuid4().hex[:6]}"  # concurrent test runs share one engine
     run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx))
     run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx_v2))
     dc = tmp_path / "deploymentconfig.json"
@@ -47,38 +49,34 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
         )
     )
     body = json.dumps({"data": digits_rows(1)})
-    deployed = run(home, "deploy", "cli-docker", "-m", "digits:1", "-dc", str(dc), "-o", "json")
+    deployed = run(home, "deploy", svc, "-m", "digits:1", "-dc", str(dc), "-o", "json")
     try:
         view = json.loads(deployed.stdout)
         assert view["target"] == "docker" and view["state"] == "healthy"
         host = docker_client.api.inspect_container(view["container_name"])["HostConfig"]
         assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 256 * 1024 * 1024
 
-        called = json.loads(
-            run(home, "service", "call", "cli-docker", "-d", body, "-o", "json").stdout
-        )
+        called = json.loads(run(home, "service", "call", svc, "-d", body, "-o", "json").stdout)
         assert called["status_code"] == 200 and called["model_version"] == "1"
-        refused = run(home, "service", "call", "cli-docker", "-d", body, "--no-auth", ok=False)
+        refused = run(home, "service", "call", svc, "-d", body, "--no-auth", ok=False)
         assert refused.returncode != 0 and "401" in refused.stderr
         assert "Traceback" not in refused.stderr
 
-        run(home, "service", "regen-key", "cli-docker", "--key", "primary")
+        run(home, "service", "regen-key", svc, "--key", "primary")
         deadline = time.monotonic() + 15
-        while run(home, "service", "call", "cli-docker", "-d", body, ok=False).returncode != 0:
+        while run(home, "service", "call", svc, "-d", body, ok=False).returncode != 0:
             assert time.monotonic() < deadline, "the rotated key is accepted without a restart"
             time.sleep(0.3)
 
-        run(home, "service", "update", "cli-docker", "-m", "digits:2")
-        called = json.loads(
-            run(home, "service", "call", "cli-docker", "-d", body, "-o", "json").stdout
-        )
+        run(home, "service", "update", svc, "-m", "digits:2")
+        called = json.loads(run(home, "service", "call", svc, "-d", body, "-o", "json").stdout)
         assert called["model_version"] == "2"
-        shown = json.loads(run(home, "service", "show", "cli-docker", "-o", "json").stdout)
+        shown = json.loads(run(home, "service", "show", svc, "-o", "json").stdout)
         assert shown["state"] == "healthy" and shown["models"] == ["digits:2"]
-        assert run(home, "service", "logs", "cli-docker").stdout.strip()
+        assert run(home, "service", "logs", svc).stdout.strip()
     finally:
-        run(home, "service", "delete", "cli-docker", ok=False)
-    assert containers_of(docker_client, "cli-docker") == []
+        run(home, "service", "delete", svc, ok=False)
+    assert containers_of(docker_client, svc) == []
     assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
 
 
@@ -86,16 +84,17 @@ def test_cli_docker_deploy_with_missing_base_image_fails_cleanly(
     tmp_path: Path, digits_onnx: Path, docker_client: Any
 ) -> None:
     home = tmp_path / "home"
+    svc = f"cli-nobase-{uuid.uuid4().hex[:6]}"
     run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx))
     failed = run(
-        home, "deploy", "cli-nobase", "-m", "digits:1", "--target", "docker",
+        home, "deploy", svc, "-m", "digits:1", "--target", "docker",
         "--base-image", "modelfleet/absent:0", ok=False,
     )  # fmt: skip
     assert failed.returncode != 0
     assert "error: base image 'modelfleet/absent:0' is not present" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
-    assert containers_of(docker_client, "cli-nobase") == []
+    assert containers_of(docker_client, svc) == []
 
 
 def test_cli_docker_base_image_prepares_cached_images(tmp_path: Path, docker_client: Any) -> None:

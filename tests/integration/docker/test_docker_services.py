@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ pytestmark = pytest.mark.docker
 def test_register_deploy_call_regen_update_delete_in_docker(
     tmp_path: Path, digits_onnx: Path, digits_onnx_v2: Path, docker_client: Any
 ) -> None:
+    svc = f"digits-docker-{uuid.uuid4().hex[:6]}"  # concurrent test runs share one engine
     registry = Registry(tmp_path / "home")
     registry.register("digits", digits_onnx)
     registry.register("digits", digits_onnx_v2)
     services = ServiceManager(registry)
     body = json.dumps({"data": digits_rows(1)}).encode()
     record = services.deploy(
-        "digits-docker",
+        svc,
         ["digits:1"],
         InferenceConfig(),
         DeploymentConfig(cpu_cores=0.5, memory_gb=0.5),
@@ -36,31 +38,31 @@ def test_register_deploy_call_regen_update_delete_in_docker(
     )
     try:
         assert record.target == "docker" and record.state == "healthy"
-        first = services.call("digits-docker", body)
+        first = services.call(svc, body)
         assert first.status_code == 200 and first.model_version == "1"
         with pytest.raises(ServiceCallError, match=r"refused the call \(401\)"):
-            services.call("digits-docker", body, use_auth=False)
+            services.call(svc, body, use_auth=False)
 
-        old = services.keys("digits-docker")["primary"]
-        new = services.regen_key("digits-docker", "primary")["primary"]
+        old = services.keys(svc)["primary"]
+        new = services.regen_key(svc, "primary")["primary"]
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                services.call("digits-docker", body, key=new)
+                services.call(svc, body, key=new)
                 break
             except ServiceCallError:
                 time.sleep(0.2)
-        assert services.call("digits-docker", body, key=new).status_code == 200
+        assert services.call(svc, body, key=new).status_code == 200
         with pytest.raises(ServiceCallError, match="401"):
-            services.call("digits-docker", body, key=old)
+            services.call(svc, body, key=old)
 
-        updated = services.update("digits-docker", ["digits:2"])
+        updated = services.update(svc, ["digits:2"])
         assert updated.models == ["digits:2"]
-        assert services.call("digits-docker", body).model_version == "2"
+        assert services.call(svc, body).model_version == "2"
         listed = {r.name: (r, s) for r, s in services.list()}
-        assert listed["digits-docker"][1].state == "healthy"
-        assert listed["digits-docker"][0].models == ["digits:2"]
+        assert listed[svc][1].state == "healthy"
+        assert listed[svc][0].models == ["digits:2"]
     finally:
-        services.delete("digits-docker")
-    assert containers_of(docker_client, "digits-docker") == []
+        services.delete(svc)
+    assert containers_of(docker_client, svc) == []
     assert services.list() == []
