@@ -84,3 +84,11 @@ def test_odd_run_results_never_stop_the_server(start_server, tmp_path) -> None: 
         r = c.post("/score", json={"kind": "numpy"})
         assert r.json() == {"scalar": 1.5, "array": [0, 1, 2], "frame": [{"a": 1}, {"a": 2}]}
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_v2_infer_needs_a_tensor_signature(start_server, model_dir) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(ModelSpec(model_dir, SCRIPTS / "score_plain.py", name="digits"))
+    with server.client() as c:
+        r = c.post("/v2/models/digits/infer", json={"inputs": []})
+        assert r.status_code == 400
+        assert r.json()["error"] == "this model has no tensor signature (an entry script); use POST /score"

@@ -130,3 +130,33 @@ def test_serve_cli_no_code_onnx(serve_process, digits_onnx, digits_rows) -> None
     assert r.status_code == 200
     assert r.json()["label"] == [0, 1, 2]
     assert httpx.get(url + "/v2/models/digits").status_code == 200
+
+
+def test_open_inference_protocol_v2_infer(digits_server, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
+    flat = [v for row in digits_rows[:2] for v in row]
+    request = {"id": "req-1", "inputs": [{"name": "X", "shape": [2, 64], "datatype": "FP32", "data": flat}]}
+    with digits_server.client() as c:
+        r = c.post("/v2/models/digits/infer", json=request)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["model_name"], body["model_version"], body["id"]) == ("digits", "1", "req-1")
+        outputs = {o["name"]: o for o in body["outputs"]}
+        assert outputs["label"] == {"name": "label", "shape": [2], "datatype": "INT64", "data": [0, 1]}
+        assert outputs["probabilities"]["shape"] == [2, 10]
+        _, probs = expected(digits_onnx, digits_rows[:2])
+        np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], (2, 10)), probs, rtol=1e-5)
+        assert c.post("/v2/models/digits/versions/1/infer", json=request).status_code == 200
+
+        cases = [
+            ({"inputs": []}, 'request body must be an object with a non-empty "inputs" list'),
+            ({"inputs": [{**request["inputs"][0], "datatype": "INT64"}]}, "input 'X': datatype must be FP32, got 'INT64'"),
+            ({"inputs": [{**request["inputs"][0], "name": "Y"}]}, "inputs[0]: unknown input 'Y'"),
+            ({"inputs": [{**request["inputs"][0], "shape": [3, 64]}]}, "input 'X': data does not fit shape [3, 64] of FP32"),
+            ({"inputs": [{**request["inputs"][0], "shape": [2, 32, 2], "data": flat}]}, "input 'X': expected shape [N, 64] (float32), got [2, 32, 2]"),
+        ]
+        for bad, message in cases:
+            r = c.post("/v2/models/digits/infer", json=bad)
+            assert r.status_code == 400, bad
+            assert message in r.json()["error"]
+        assert c.post("/v2/models/other/infer", json=request).status_code == 404
+        assert c.post("/v2/models/digits/versions/9/infer", json=request).status_code == 404

@@ -69,6 +69,15 @@ def build_openapi(model: LoadedModel, *, auth: bool) -> dict[str, Any]:
                 }
             },
             "/metrics": {"get": {"operationId": "metrics", "responses": {"200": {"description": "Prometheus text"}}}},
+            "/v2/models/{name}/infer": {
+                "post": {
+                    "operationId": "infer",
+                    "summary": "Open Inference Protocol v2 inference (models with a tensor signature)",
+                    "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": {"200": {"description": "Outputs"}, "400": err("Bad input"), "404": err("Unknown model")},
+                }
+            },
         },
         "components": {"schemas": {"Error": _ERROR}},
     }

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 from typing import Any
@@ -25,8 +25,9 @@ from .errors import ModelLoadError, RequestError, ScriptError
 from .host import LoadedModel, ModelHost, ModelSpec
 from .metrics import ScoringMetrics
 from .protocol import HttpConnection, Request, render
-from .runtimes.base import RawResponse, ScoreInput, is_msgpack
+from .runtimes.base import RawResponse, ScoreInput, decode_body, is_msgpack
 from .settings import ServerSettings
+from .tensors import v2_request_to_payload, v2_response
 
 log = logging.getLogger("modelfleet.scoring.server")
 
@@ -195,6 +196,8 @@ class ScoringServer:
             return self._admin_load(req, rid, path[len("/v2/repository/models/") : -len("/load")])
         if not self._authorized(req):
             return self._unauthorized(req, rid)
+        if method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer"):
+            return self._v2_infer(req, rid, path[len("/v2/models/") : -len("/infer")])
         if method != "GET" and method != "HEAD":
             if path in {"/swagger.json", "/metrics"} or path.startswith("/v2/models/"):
                 return self._not_allowed(req, rid, "GET")
@@ -227,10 +230,19 @@ class ScoringServer:
             req.query,
             req.headers,
         )
+        return self._run_model(req, rid, model, inp, started, None)
+
+    def _run_model(
+        self, req: Request, rid: str, model: LoadedModel, inp: ScoreInput, started: float,
+        shape: Callable[[Any], Any] | None,
+    ) -> bytes | Awaitable[bytes]:
+        """Score on the loop or in the pool; `shape` turns the result into the response body."""
         if not model.inline:
-            return self._score_pooled(req, rid, model, inp, started)
+            return self._score_pooled(req, rid, model, inp, started, shape)
         try:
             result = model.runtime.predict(inp)
+            if shape is not None:
+                result = shape(result)
         except Exception as exc:
             return self._score_failed(req, rid, started, exc)
         finally:
@@ -244,7 +256,8 @@ class ScoringServer:
         return self._render_result(req, rid, started, result, model)
 
     async def _score_pooled(
-        self, req: Request, rid: str, model: LoadedModel, inp: ScoreInput, started: float
+        self, req: Request, rid: str, model: LoadedModel, inp: ScoreInput, started: float,
+        shape: Callable[[Any], Any] | None = None,
     ) -> bytes:
         if self._pending >= self._capacity:
             model.release()
@@ -278,6 +291,8 @@ class ScoringServer:
         remaining = self._timeout - (time.perf_counter() - started)
         try:
             result, run_s = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.0))
+            if shape is not None:
+                result = shape(result)
         except TimeoutError:
             return self._timed_out(req, rid, started)
         except Exception as exc:
@@ -412,6 +427,36 @@ class ScoringServer:
             "inputs": [{"name": t.name, "datatype": t.v2_datatype, "shape": list(t.shape)} for t in sig.inputs],
             "outputs": [{"name": t.name, "datatype": t.v2_datatype, "shape": list(t.shape)} for t in sig.outputs],
         })
+
+    def _v2_infer(self, req: Request, rid: str, rest: str) -> bytes | Awaitable[bytes]:
+        """Open Inference Protocol v2 inference, for models with a tensor signature."""
+        started = time.perf_counter()
+        name, _, version_part = rest.partition("/versions/")
+        model = self.host.acquire()
+        if model is None:
+            return self._finish_score(req, rid, started, 503, {"error": "no model loaded yet", "request_id": rid})
+        if name != model.name or (version_part and version_part != model.version):
+            model.release()
+            return self._error(req, rid, 404, f"unknown model {rest!r}")
+        inputs = model.signature.inputs
+        if not inputs:
+            model.release()
+            return self._error(
+                req, rid, 400, "this model has no tensor signature (an entry script); use POST /score"
+            )
+        try:
+            body = decode_body(req.body, req.headers.get("content-type", JSON))
+            payload = v2_request_to_payload(body, inputs)
+        except RequestError as exc:
+            model.release()
+            return self._finish_score(req, rid, started, exc.status, {"error": exc.message, "request_id": rid})
+        inp = ScoreInput(b"", decoded=payload, is_decoded=True)
+        request_id = body.get("id") if isinstance(body, dict) else None
+
+        def shape(result: Any) -> Any:
+            return v2_response(model.name, model.version, result, model.signature.outputs, request_id)
+
+        return self._run_model(req, rid, model, inp, started, shape)
 
     # --- helpers ----------------------------------------------------------------
     def _authorized(self, req: Request) -> bool:

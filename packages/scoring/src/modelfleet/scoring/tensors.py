@@ -127,3 +127,57 @@ def signature_schemas(sig: Signature) -> tuple[dict[str, Any], dict[str, Any]]:
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+_FROM_V2 = {
+    "FP32": "float32", "FP64": "float64", "FP16": "float16", "INT8": "int8", "INT16": "int16",
+    "INT32": "int32", "INT64": "int64", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
+    "UINT64": "uint64", "BOOL": "bool", "BYTES": "str",
+}
+
+
+def v2_request_to_payload(body: Any, inputs: list[TensorSpec]) -> dict[str, Any]:
+    """An Open Inference Protocol v2 request as the `{"data": {name: array}}` payload."""
+    if type(body) is not dict or type(body.get("inputs")) is not list or not body["inputs"]:
+        raise InputError('request body must be an object with a non-empty "inputs" list')
+    specs = {s.name: s for s in inputs}
+    data: dict[str, Any] = {}
+    for i, item in enumerate(body["inputs"]):
+        if type(item) is not dict:
+            raise InputError(f"inputs[{i}] must be an object with name, shape, datatype and data")
+        name = item.get("name")
+        if name not in specs:
+            raise InputError(f"inputs[{i}]: unknown input {name!r}; the model's inputs are {sorted(specs)}")
+        spec = specs[name]
+        shape = item.get("shape")
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            raise InputError(f"input {name!r}: shape must be a list of non-negative integers")
+        datatype = item.get("datatype")
+        if datatype != spec.v2_datatype:
+            raise InputError(f"input {name!r}: datatype must be {spec.v2_datatype}, got {datatype!r}")
+        try:
+            arr = np.asarray(item.get("data"), dtype=_FROM_V2[datatype]).reshape(shape)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InputError(f"input {name!r}: data does not fit shape {shape} of {datatype}: {_short(exc)}") from None
+        data[name] = arr
+    return {"data": data}
+
+
+def v2_response(
+    name: str, version: str, result: Any, outputs: list[TensorSpec], request_id: Any = None
+) -> dict[str, Any]:
+    """Named output arrays as an Open Inference Protocol v2 response (data flattened)."""
+    specs = {s.name: s for s in outputs}
+    body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": []}
+    if request_id is not None:
+        body["id"] = request_id
+    for out_name, value in result.items():
+        arr = np.asarray(value)
+        spec = specs.get(out_name)
+        body["outputs"].append({
+            "name": out_name,
+            "shape": list(arr.shape),
+            "datatype": spec.v2_datatype if spec else "BYTES",
+            "data": arr.reshape(-1),
+        })
+    return body
