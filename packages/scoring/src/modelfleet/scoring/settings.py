@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class ServerSettings:
     #: idle keep-alive connections (and requests sent too slowly) are closed after this
     keep_alive_s: float = 75.0
     log_level: str = "INFO"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def concurrency(self) -> int:
@@ -84,7 +83,7 @@ class ServerSettings:
         return self
 
 
-_FIELDS = {f.name: f for f in fields(ServerSettings) if f.name != "extra"}
+_FIELDS = {f.name: f for f in fields(ServerSettings)}
 # Azure ML's names, honoured so an Azure ML container's environment works unchanged
 _ALIASES = {"model_dir": "AZUREML_MODEL_DIR", "entry_script": "AZUREML_ENTRY_SCRIPT"}
 
