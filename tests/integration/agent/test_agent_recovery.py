@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,18 +105,25 @@ def test_sigkill_mid_swap_restarts_into_a_good_version_and_finishes(
     assert serving_version(port) == "2"
 
 
-def test_broker_outage_queues_telemetry_and_delivers_all_in_order(
-    mosquitto: Any, artifact_registry: RegistryHandle, agents: Any, digits_onnx: Path, tmp_path: Path,
-) -> None:
-    # a broker that keeps sessions across its restart, and a controller with a persistent
-    # session, as deploy/mosquitto/ sets up: whoever reconnects first, nothing is lost
+@pytest.fixture
+def durable_broker(mosquitto: Any, tmp_path: Path) -> Iterator[Any]:
+    """A broker that keeps sessions across its restart (persistence on), as deploy/mosquitto/ sets up."""
     mosquitto.stop()
     store = tmp_path / "broker-db"
     store.mkdir()
-    mosquitto = type(mosquitto)(
+    broker = type(mosquitto)(
         tmp_path, extra_config=f"allow_anonymous true\nuser root\npersistence true\npersistence_location {store}/\n"
     )
-    mosquitto.start()
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_broker_outage_queues_telemetry_and_delivers_all_in_order(
+    durable_broker: Any, artifact_registry: RegistryHandle, agents: Any, digits_onnx: Path,
+) -> None:
+    # with a persistent controller session, whoever reconnects first, nothing is lost
+    mosquitto = durable_broker
     controller = Controller(mosquitto.port, durable=True).start()
     v1 = artifact_registry.register("digits", digits_onnx)
     agent = agents("dev-tel", mosquitto.port, telemetry_interval_s=0.1)
@@ -152,7 +161,36 @@ def test_broker_outage_queues_telemetry_and_delivers_all_in_order(
     assert record["device_id"] == "dev-tel" and record["rss_bytes"] > 0
     assert set(record["latency"]) >= {"buckets", "counts", "p50", "p90", "p99"}
     controller.stop()
-    mosquitto.stop()
+
+
+def test_offline_queue_bound_drops_oldest_and_counts_every_missing_record(
+    durable_broker: Any, agents: Any,
+) -> None:
+    controller = Controller(durable_broker.port, durable=True).start()
+    agent = agents("dev-full", durable_broker.port, telemetry_interval_s=0.05, telemetry_queue_max_records=4)
+    wait_until(lambda: controller.telemetry_records("dev-full"), 30, "telemetry before the outage")
+    durable_broker.stop()
+    meta = agent.store_dir / "telemetry" / "meta.json"
+    wait_until(lambda: meta.exists() and json.loads(meta.read_text())["dropped"] >= 5, 30, "records dropped")
+    durable_broker.start()
+    dropped_then = json.loads(meta.read_text())["dropped"]
+
+    def caught_up() -> dict[str, Any] | None:
+        records = controller.telemetry_records("dev-full")
+        late = [r for r in records if r["dropped"] >= dropped_then]
+        return late[-1] if late else None
+
+    wait_until(caught_up, 30, "telemetry after the outage")
+    assert agent.terminate() == 0
+    final = json.loads(meta.read_text())
+    still_queued = {int(p.stem) for p in (agent.store_dir / "telemetry").glob("*.rec")}
+    written = set(range(1, final["next_seq"]))
+    received = {r["seq"] for r in controller.telemetry_records("dev-full")}
+    # every record written either arrived, is still queued on disk, or was dropped and counted
+    assert final["dropped"] >= dropped_then > 0
+    assert len(written - received - still_queued) == final["dropped"]
+    assert len(still_queued) <= 4
+    controller.stop()
 
 
 def test_sigterm_stops_cleanly_with_an_offline_presence(

@@ -72,3 +72,17 @@ def test_collector_reports_interval_deltas_and_swaps(tmp_path: Path) -> None:
     second = collector.collect()
     assert second["requests"] == 0 and second["latency"]["p50"] is None
     msgpack.packb(second)  # encodable as is
+
+
+def test_records_being_sent_are_not_dropped(tmp_path: Path) -> None:
+    q = TelemetryQueue(tmp_path, max_records=3)
+    for i in range(3):
+        q.append({"n": i})
+    sending = [seq for seq, _ in q.peek(1)]  # seq 1 is on the wire
+    q.append({"n": 3})
+    assert [rec["n"] for _, rec in q.peek(10)] == [0, 2, 3]  # seq 2 went instead
+    q.release([1, 2, 3, 4])
+    q.ack(sending)
+    q.append({"n": 4})
+    assert [rec["n"] for _, rec in q.peek(10)] == [2, 3, 4]
+    assert q.dropped == 1

@@ -204,7 +204,9 @@ class Agent:
             batch = self.queue.peek(self.config.telemetry_batch_max)
             if not batch:
                 return
+            seqs = [seq for seq, _ in batch]
             payload = TelemetryBatch(self.config.device_id, [rec for _, rec in batch]).encode()
             if not await self.transport.send_telemetry(payload):
+                self.queue.release(seqs)
                 return  # retried on the next interval or reconnect
-            self.queue.ack([seq for seq, _ in batch])
+            self.queue.ack(seqs)

@@ -35,6 +35,7 @@ class TelemetryQueue:
         meta = self._load_meta()
         self.dropped: int = int(meta.get("dropped", 0))
         self._entries: list[tuple[int, int]] = []  # (seq, size), oldest first
+        self._sending: set[int] = set()
         for path in self.folder.glob("*.rec"):
             try:
                 self._entries.append((int(path.stem), path.stat().st_size))
@@ -86,18 +87,27 @@ class TelemetryQueue:
         return seq
 
     def _enforce_bound(self) -> None:
+        # records being sent are never dropped: one of them may still arrive, and then a
+        # drop count that included it would be wrong (the bound may be exceeded by one batch)
         total = self.size_bytes
-        while self._entries and (len(self._entries) > self.max_records or total > self.max_bytes):
-            seq, size = self._entries.pop(0)
+        i = 0
+        while i < len(self._entries) and (len(self._entries) > self.max_records or total > self.max_bytes):
+            seq, size = self._entries[i]
+            if seq in self._sending:
+                i += 1
+                continue
+            del self._entries[i]
             self._path(seq).unlink(missing_ok=True)
             total -= size
             self.dropped += 1
             log.warning("event=telemetry_dropped seq=%d dropped_total=%d", seq, self.dropped)
 
     def peek(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        """Up to `limit` oldest records, with their seq."""
+        """Up to `limit` oldest records, with their seq; they count as being sent until
+        `ack()` (delivered) or `release()` (not delivered, stay queued)."""
         out: list[tuple[int, dict[str, Any]]] = []
         for seq, _ in self._entries[:limit]:
+            self._sending.add(seq)
             try:
                 out.append((seq, msgpack.unpackb(self._path(seq).read_bytes(), raw=False)))
             except (OSError, ValueError) as exc:
@@ -105,9 +115,14 @@ class TelemetryQueue:
                 self.ack([seq])
         return out
 
+    def release(self, seqs: list[int]) -> None:
+        """Records that were not delivered: droppable again."""
+        self._sending.difference_update(seqs)
+
     def ack(self, seqs: list[int]) -> None:
         """Forget delivered records."""
         done = set(seqs)
+        self._sending.difference_update(done)
         for seq in done:
             self._path(seq).unlink(missing_ok=True)
         self._entries = [e for e in self._entries if e[0] not in done]
