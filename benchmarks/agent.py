@@ -9,7 +9,8 @@
 2. Idle RSS of the agent process with the digits model loaded, after its
    first telemetry intervals. Baseline: a bare Python process that imports
    onnxruntime, paho-mqtt and msgpack and holds the same model in a session.
-   Also the agent's RSS after the 50 MB rollouts (is the old version freed?).
+   Also the agent's RSS after the 50 MB rollouts (is the old version freed?),
+   and its idle CPU (1 s telemetry interval) beside the bare process's.
 
     .venv/bin/python benchmarks/agent.py [--repeat 3]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -71,6 +73,11 @@ def pad_onnx(source: Path, dest: Path, size: int, seed: int) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dest))
     return dest
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -209,8 +216,15 @@ def main() -> None:
         base_proc.stdout.readline()
         base_rss = rss_mib(base_proc.pid)
 
+        cpu0, base_cpu0, t0 = cpu_seconds(agent.pid), cpu_seconds(base_proc.pid), time.monotonic()
+        time.sleep(5)
+        span = time.monotonic() - t0
+        agent_cpu = 100 * (cpu_seconds(agent.pid) - cpu0) / span
+        base_cpu = 100 * (cpu_seconds(base_proc.pid) - base_cpu0) / span
+
         print(f"{'figure':44} {'agent':>10} {'baseline':>10}")
         print(f"{'idle RSS, digits model loaded (MiB)':44} {agent_rss:10.1f} {base_rss:10.1f}")
+        print(f"{'idle CPU, 1 s telemetry interval (% core)':44} {agent_cpu:10.2f} {base_cpu:10.2f}")
         for label, refs in sized.items():
             agent_times, base_times = [], []
             for ref in refs:
