@@ -250,3 +250,19 @@ def test_agent_started_before_the_broker_connects_once_it_is_up(
     finally:
         controller.stop()
         late.stop()
+
+
+def test_sigterm_during_a_download_exits_promptly_and_keeps_the_bytes(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, tmp_path: Path,
+) -> None:
+    big = artifact_registry.register("big", pad_onnx(digits_onnx, tmp_path / "big" / "model.onnx", 8 << 20))
+    agent = agents("dev-slow", mosquitto.port, store_download_limit_bps=1 << 20)
+    wait_until(lambda: controller.presence.get("dev-slow"), 30, "birth message")
+    controller.desire("dev-slow", big)
+    part = agent.store_dir / "models" / "partial" / f"{big.sha256}.part"
+    wait_until(lambda: part.exists() and part.stat().st_size > 0, 30, "a download in progress")
+    started = time.monotonic()
+    assert agent.terminate(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert 0 < part.stat().st_size < big.size  # resumable later
