@@ -119,6 +119,20 @@ def test_update_under_traffic_drops_nothing_and_survives_restart(
         time.sleep(0.2)
     assert call(updated, key) == v2_answer
 
+    # A third version: the v2 image in between is dropped, the container's own is kept.
+    spec_v3 = make_spec(name=spec.name, workdir=spec.workdir, models=(binding(digits_onnx, 3),))
+    v3 = docker_target.update(updated, spec_v3, progress.append)
+    deployed.records[-1] = v3
+    assert v3.target_data["images"] == [record.target_data["image"], v3.target_data["image"]]
+    import docker.errors
+
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(updated.target_data["image"])
+    assert call(v3, key) == v1_answer, "v3 carries v1's bytes"
+    updated = docker_target.update(v3, spec_v2, progress.append)
+    deployed.records[-1] = updated
+    assert call(updated, key) == v2_answer
+
     # The updated image is the one a fresh deploy of spec_v2 would use (not rebuilt).
     tag, _release, built = docker_target.build(spec_v2, lambda _line: None)
     assert tag == updated.target_data["image"] and not built
@@ -126,8 +140,6 @@ def test_update_under_traffic_drops_nothing_and_survives_restart(
     # Delete takes both the first and the updated image with it.
     docker_target.delete(updated, lambda _line: None)
     deployed.records.clear()
-    import docker.errors
-
     for image in (record.target_data["image"], updated.target_data["image"]):
         with pytest.raises(docker.errors.ImageNotFound):
             docker_client.images.get(image)

@@ -26,6 +26,7 @@ def test_one_model_is_the_model_dir(tmp_path: Path) -> None:
     assert release.model_dir == f"/var/modelfleet/releases/{release.id}/model"
     env = (release.path / "release.env").read_text()
     assert "ENTRY_SCRIPT=''" in env and "MODEL_NAME='digits'" in env
+    assert "MODEL_VERSION='3'" in env
 
 
 def test_several_models_sit_under_name_and_version(tmp_path: Path) -> None:
@@ -53,6 +54,8 @@ def test_release_id_follows_content_only(tmp_path: Path) -> None:
     assert first.id == again.id
     m2 = ModelSource("digits", 1, model_file(tmp_path, "model2.onnx", b"changed"), "onnx")
     assert stage_release(tmp_path / "one", [m2], None, None, "svc").id != first.id
+    m3 = ModelSource("digits", 3, m1.path, "onnx")  # same bytes, another version
+    assert stage_release(tmp_path / "one", [m3], None, None, "svc").id != first.id
 
 
 def test_blob_without_extension_gets_one_for_no_code_mode(tmp_path: Path) -> None:

@@ -337,12 +337,13 @@ def prune_runtime_images(client: Any, keep: str, newest: int = RUNTIME_IMAGES_KE
 _LAUNCHER = """\
 #!/bin/sh
 set -e
-. {current}/release.env
+RELEASE=$(readlink -f {current})
+. "$RELEASE/release.env"
 if [ -n "$ENTRY_SCRIPT" ]; then
-  set -- --entry-script "$ENTRY_SCRIPT" "$@"
+  set -- --entry-script "$RELEASE/$ENTRY_SCRIPT" "$@"
 fi
 exec {venv}/bin/python -m modelfleet.scoring serve --host 0.0.0.0 --port {port} \\
-  --model-dir "$MODEL_DIR" --model-name "$MODEL_NAME" --model-version "$MODEL_VERSION" "$@"
+  --model-dir "$RELEASE/model" --model-name "$MODEL_NAME" --model-version "$MODEL_VERSION" "$@"
 """
 
 _SERVICE_DOCKERFILE = """\
@@ -459,16 +460,17 @@ def stage_release(
                     f"entry script {entry_script} not found"
                     + (f" in source directory {source_directory}" if source_directory else "")
                 )
-        release_id = _tree_digest(tmp)[:16]
-        if entry_script is not None:
-            script_in_container = f"{RELEASES_DIR}/{release_id}/app/{entry_script}"
+        # Paths in release.env are relative to the release, so that the id can be
+        # the hash of everything, release.env (model name and version) included.
         env = {
-            "MODEL_DIR": f"{RELEASES_DIR}/{release_id}/model",
-            "ENTRY_SCRIPT": script_in_container or "",
+            "ENTRY_SCRIPT": f"app/{entry_script}" if entry_script is not None else "",
             "MODEL_NAME": model_name,
             "MODEL_VERSION": model_version,
         }
         (tmp / "release.env").write_text("".join(f"{k}={_sh_quote(v)}\n" for k, v in env.items()))
+        release_id = _tree_digest(tmp)[:16]
+        if entry_script is not None:
+            script_in_container = f"{RELEASES_DIR}/{release_id}/app/{entry_script}"
         final = root / release_id
         if final.exists():
             shutil.rmtree(tmp)
@@ -497,7 +499,7 @@ def ensure_service_image(
         current=CURRENT_LINK,
         port=CONTAINER_PORT,
     )
-    key = _hash(["service-v1", runtime_id, release.id, launcher, dockerfile])
+    key = _hash(["service-v2", runtime_id, release.id, launcher, dockerfile])
     tag = f"{SERVICE_REPO}:{key[:16]}"
     if _image_exists(client, tag):
         progress(f"image {tag} is up to date (not rebuilt)")

@@ -186,7 +186,14 @@ class DockerTarget:
         )
         log.info("docker update service=%s image=%s release=%s", spec.name, tag, release.id)
         data.update(image=tag, release=release.id)
-        data["images"] = [*[i for i in data.get("images", []) if i != tag], tag]
+        # Keep the image the container runs and the new one; images of versions in
+        # between serve nothing any more.
+        started_from = str(container.attrs.get("Config", {}).get("Image", ""))
+        kept: list[str] = []
+        for old in data.get("images", []):
+            if old in (tag, started_from) or not images.remove_image_if_unused(self.client, old):
+                kept.append(old)
+        data["images"] = [*[i for i in kept if i != tag], tag]
         return ServiceRecord(
             name=record.name,
             target=self.name,
