@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -153,3 +154,43 @@ def test_agent_runs_under_the_acl_with_its_own_credentials(
         assert reply.ok
     finally:
         controller.stop()
+
+
+def test_shipped_example_config_starts_and_enforces_passwords(mosquitto: Any, tmp_path: Path) -> None:
+    """deploy/mosquitto/mosquitto.conf as shipped, with only its paths and port moved into tmp."""
+    mosquitto.stop()
+    port = mosquitto.port
+    made = subprocess.run(
+        [str(REPO / "deploy" / "mosquitto" / "make-passwords.sh"), str(tmp_path / "passwords"), "ctl", "dev-x"],
+        check=True, capture_output=True, text=True,
+    )
+    device_password = made.stdout.split("\t")[1].strip()
+    shutil.copy(REPO / "deploy" / "mosquitto" / "acl", tmp_path / "acl")
+    (tmp_path / "db").mkdir()
+    conf = (
+        (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+        .replace("/etc/mosquitto/modelfleet/", f"{tmp_path}/")
+        .replace("/var/lib/mosquitto/", f"{tmp_path}/db/")
+        .replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1")
+    ) + "user root\n"
+    (tmp_path / "example.conf").write_text(conf)
+    proc = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp_path / "example.conf")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    def listening() -> bool:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "mosquitto exited"
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(listening, 10, "the example broker")
+        good = Device(port, "dev-x", device_password)
+        assert good.connected.wait(10) and good.connack == 0
+        bad = Device(port, "dev-x", "wrong")
+        assert bad.connected.wait(10) and bad.connack in (4, 5)
+        good.close()
+        bad.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
