@@ -6,6 +6,10 @@ Layout under the store root:
     versions/<sha256>/       an installed version: the model file, or the unpacked folder
     versions/.tmp-*          an install in progress (removed at start-up)
 
+Downloads use the standard library's urllib: one streaming GET with a Range
+header is all that is needed, and importing httpx or requests would cost a
+device 7-12 MiB of resident memory for the agent's lifetime (urllib: ~3.6).
+
 A version exists under `versions/` only after its bytes matched the declared
 size and sha256 (and, with trusted keys configured, its signature verified),
 and after an fsync'd rename: a power cut leaves either nothing or all of it.
