@@ -14,6 +14,7 @@ that tag is missing:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from modelfleet.deployer.errors import DeploymentError
 from modelfleet.deployer.wheelhouse import Wheelhouse, cache_root, scoring_wheelhouse
@@ -44,7 +45,6 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 APP_ROOT = "/var/modelfleet"
 RELEASES_DIR = f"{APP_ROOT}/releases"
 CURRENT_LINK = f"{APP_ROOT}/current"
-SECRETS_DIR = f"{APP_ROOT}/secrets"
 VENV_DIR = "/opt/modelfleet/venv"
 CONTAINER_PORT = 5001
 
@@ -375,12 +375,15 @@ class Release:
     def model_dir(self) -> str:
         return f"{RELEASES_DIR}/{self.id}/model"
 
-    def tar(self) -> bytes:
-        """The release as a tar whose single top folder is its id (for put_archive)."""
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            tar.add(str(self.path), arcname=self.id, filter=_normalise)
-        return buffer.getvalue()
+    @contextlib.contextmanager
+    def tar(self) -> Iterator[IO[bytes]]:
+        """The release as a tar whose single top folder is its id (for put_archive),
+        spooled through a temporary file so large models are not held in memory."""
+        with tempfile.TemporaryFile() as fh:
+            with tarfile.open(fileobj=fh, mode="w") as tar:
+                tar.add(str(self.path), arcname=self.id, filter=_normalise)
+            fh.seek(0)
+            yield fh
 
 
 @dataclass(frozen=True)
@@ -403,13 +406,22 @@ def _copy_model(source: ModelSource, dest: Path) -> None:
         )
     dest.mkdir(parents=True, exist_ok=True)
     if source.path.is_dir():
-        shutil.copytree(source.path, dest, dirs_exist_ok=True)
+        shutil.copytree(source.path, dest, dirs_exist_ok=True, copy_function=_link_or_copy)
         return
     name = source.path.name
     # A content-addressed blob has no extension; no-code mode finds models by it.
     if not source.path.suffix and source.framework in {"onnx", "tflite"}:
         name = f"model.{source.framework}"
-    shutil.copy2(source.path, dest / name)
+    _link_or_copy(source.path, dest / name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link a registry artifact (read-only, content-addressed) instead of copying
+    gigabytes; copy when the link is impossible (another filesystem)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def stage_release(

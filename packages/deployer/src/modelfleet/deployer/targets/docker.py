@@ -223,7 +223,8 @@ class DockerTarget:
             )
         progress(f"copying release {release.id} into {data['container_name']}")
         try:
-            container.put_archive(images.RELEASES_DIR, release.tar())
+            with release.tar() as archive:
+                container.put_archive(images.RELEASES_DIR, archive)
         except Exception as exc:
             raise DockerTargetError(
                 f"cannot copy the new release into the container: {exc}"
