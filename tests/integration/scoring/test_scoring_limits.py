@@ -198,3 +198,16 @@ def test_idle_and_half_sent_connections_are_closed(start_server, digits_onnx) ->
         assert idle.recv(10) == b""  # closed by the server, not by a timeout here
         assert slow.recv(10) == b""
     assert httpx.get(server.url + "/v2/health/live").status_code == 200
+
+
+def test_long_pipeline_behind_slow_requests_is_answered_in_order(start_server, slow_spec) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(slow_spec)
+    n = 100
+    payload = b"".join(
+        b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n"
+        + f"x-request-id: p{i}\r\n\r\n".encode() + b'{"sleep_ms":2}'
+        for i in range(n)
+    )
+    data = _raw_exchange(server.server.port, payload, n)
+    ids = [line.split(b": ")[1] for line in data.split(b"\r\n") if line.startswith(b"x-request-id")]
+    assert ids == [f"p{i}".encode() for i in range(n)]

@@ -7,6 +7,7 @@ pool, later pipelined requests on the same connection queue behind it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -14,9 +15,12 @@ from typing import Any
 
 import httptools
 
+log = logging.getLogger("modelfleet.scoring.http")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 #: request line + headers; larger heads get 414/431 and the connection is closed
 MAX_HEAD_BYTES = 64 * 1024
+#: requests queued behind a slow one on one connection before we stop reading
+MAX_PIPELINED = 32
 
 
 class Request:
@@ -92,6 +96,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         self._reject = 0
         self._queue: deque[Request] = deque()
+        self._queue_paused = False
+        self._write_paused = False
         self._busy = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -122,11 +128,13 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # a client that does not read its responses must not make us buffer without bound
+        self._write_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
+        self._write_paused = False
+        if self._transport is not None and not self._queue_paused:
             self._transport.resume_reading()
 
     # --- httptools callbacks ----------------------------------------------
@@ -200,16 +208,22 @@ class HttpConnection(asyncio.Protocol):
         )
         if self._busy:
             self._queue.append(request)
+            if len(self._queue) >= MAX_PIPELINED and self._transport is not None and not self._queue_paused:
+                # a client pipelining far ahead of a slow request must not fill our memory
+                self._queue_paused = True
+                self._transport.pause_reading()
         else:
             self._dispatch(request)
 
     # --- request handling ---------------------------------------------------
     def _dispatch(self, request: Request) -> None:
-        result = self._handler(request)
+        try:
+            result = self._handler(request)
+        except Exception:  # the handler answers errors itself; this is a last resort
+            log.exception("event=handler_failed method=%s path=%s", request.method, request.path)
+            result = self._error(500, "internal server error")
         if type(result) is bytes:
-            if request.method == "HEAD":
-                result = result[: result.find(b"\r\n\r\n") + 4]
-            self._write(result, request.keep_alive)
+            self._write(result, request)
             return
         self._busy = True
         self._task = asyncio.ensure_future(self._finish(request, result))  # type: ignore[arg-type]
@@ -217,19 +231,26 @@ class HttpConnection(asyncio.Protocol):
     async def _finish(self, request: Request, pending: Awaitable[bytes]) -> None:
         try:
             response = await pending
-        except Exception:  # the handler answers errors itself; this is a last resort
+        except Exception:
+            log.exception("event=handler_failed method=%s path=%s", request.method, request.path)
             response = self._error(500, "internal server error")
         self._busy = False
-        self._write(response, request.keep_alive)
+        self._write(response, request)
         while self._queue and not self._busy and not self._closing:
             self._dispatch(self._queue.popleft())
+        if self._queue_paused and len(self._queue) < MAX_PIPELINED // 2:
+            self._queue_paused = False
+            if self._transport is not None and not self._write_paused:
+                self._transport.resume_reading()
 
-    def _write(self, response: bytes, keep_alive: bool) -> None:
+    def _write(self, response: bytes, request: Request) -> None:
         transport = self._transport
         if transport is None:
             return
+        if request.method == "HEAD":
+            response = response[: response.find(b"\r\n\r\n") + 4]
         transport.write(response)
-        if not keep_alive:
+        if not request.keep_alive:
             self._closing = True
             transport.close()
 
