@@ -16,7 +16,7 @@ reconciler and protocol code without loading models):
 
 The machine's other work makes wall times noisy: CPU seconds are printed too.
 
-    .venv/bin/python benchmarks/fleet.py [--sizes 100,1000,5000,10000]
+    .venv/bin/python benchmarks/fleet.py [--sizes 100,1000,5000,10000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def run_cli(args: list[str], env: dict[str, str], workdir: Path) -> tuple[float,
 
 
 def measure(count: int, workdir: Path) -> dict[str, Any]:
-    home = workdir / f"home-{count}"
+    workdir.mkdir(parents=True)
+    home = workdir / "home"
     model = workdir / "model.onnx"
     model.write_bytes(os.urandom(1000))
     Registry(home).register("bench", model)
@@ -208,6 +209,7 @@ def measure(count: int, workdir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,5000,10000")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per size; the fastest of each is shown")
     args = parser.parse_args()
     limit = raise_nofile()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -216,9 +218,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         for n in sizes:
-            row = measure(n, Path(tmp))
-            rows.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
+            runs = []
+            for i in range(args.repeat):
+                run = measure(n, Path(tmp) / f"run-{n}-{i}")
+                runs.append(run)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()}), file=sys.stderr)
+            # other work on the machine only ever adds time: keep each figure's best run
+            best = min(runs, key=lambda r: r["rollout_s"])
+            best["floor_s"] = min(r["floor_s"] for r in runs)
+            rows.append(best)
     print()
     print("single-stage rollout to N simulated devices (agent reconciler + protocol, no models)")
     print(f"{'devices':>8} {'floor s':>8} {'(note)':>7} {'rollout s':>10} {'x floor':>8} {'CLI wall s':>10} "
@@ -228,7 +236,8 @@ def main() -> None:
               f"{r['rollout_s']:>10.2f} {r['rollout_s'] / r['floor_s']:>8.1f} {r['cli_wall_s']:>10.2f} "
               f"{r['cli_rss_mb']:>7.0f} {r['cli_cpu_s']:>9.2f} {r['sim_cpu_s']:>9.2f} {r['list_s']:>7.2f} "
               f"{r['list_rss_mb']:>7.0f} {r['broker_rss_mb']:>9.0f}")
-    print("floor: bare publish -> reply round trip measured in this run; (note): the same measured earlier")
+    print(f"best of {args.repeat} run(s) per size; floor: bare publish -> reply round trip measured in this run;"
+          " (note): the same, measured earlier (../shared/notes/mqtt-at-scale.md)")
     print("rollout s: the rollout's stage time (first desired published -> last device applied)")
     print("CLI wall s: the whole `fleet rollout create --wait` process, start-up and fleet sync included")
 
