@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,26 @@ def test_change_log_reads_from_a_cursor() -> None:
     assert seen == ["a", "b"]
     log.add("a")
     assert log.read(cursor) == (3, ["a"])
+
+
+def test_rollback_waits_for_a_live_controller_to_let_go(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    import threading
+
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), timeout_s=3600))
+    done: list[str] = []
+
+    def controller() -> None:
+        done.append(RolloutEngine(engine.store, backend, clock=engine.clock).drive("r", poll=0.01, batch=0.0).state)
+
+    thread = threading.Thread(target=controller)
+    thread.start()
+    wait_for = time.monotonic() + 5
+    while not engine.store.devices("r", states=("pending",)) and time.monotonic() < wait_for:
+        time.sleep(0.01)
+    r = engine.rollback("r")
+    thread.join(5)
+    assert done == ["rolled_back"]
+    assert r.state == "rolled_back"
+    assert all(d.state == "rolled_back" for d in engine.store.devices("r"))
+    assert all(d.desired == ref(1, SHA1) for d in backend.devices())

@@ -211,34 +211,43 @@ class RolloutEngine:
         r = self.store.get(name)
         if r.state == "rolled_back":
             raise FleetError(f"rollout {name!r} is already rolled back")
-        touched = [d for d in self.store.devices(name) if d.state not in ("waiting", "rolled_back")]
-        if r.state == "running":
-            # stop a live controller first: it re-reads the state before each step
+        if r.state in ACTIVE_STATES:
+            # stop a live controller (it re-reads the state before each step) ...
             self.store.set_state(name, "rolled_back")
-        self._roll_back(touched)
-        r.reason = "rolled back by the operator" + (f" (was: {r.reason})" if r.reason else "")
-        r.state = "rolled_back"
-        self.store.save(r, force=True)
+        # ... and wait for it to let go, so no device it is issuing to escapes the rollback
+        with self.lease(name, wait_s=30):
+            touched = [d for d in self.store.devices(name) if d.state not in ("waiting", "rolled_back")]
+            self._roll_back(touched)
+            r.reason = "rolled back by the operator" + (f" (was: {r.reason})" if r.reason else "")
+            r.state = "rolled_back"
+            self.store.save(r, force=True)
         return r
 
     # -------------------------------------------------------------- driving
 
     @contextlib.contextmanager
-    def lease(self, name: str) -> Iterator[None]:
-        """Only one controller drives a rollout: an exclusive lock the kernel drops when it dies."""
+    def lease(self, name: str, *, wait_s: float = 0.0) -> Iterator[None]:
+        """Only one controller drives a rollout: an exclusive lock the kernel drops when it dies.
+
+        With `wait_s`, wait that long for the holder to let go before giving up."""
         lock_dir = self.store.home / "fleet" / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         path = lock_dir / f"{name}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = Path(path).read_text().strip() or "?"
-                raise FleetError(
-                    f"rollout {name!r} is already driven by another process (pid {holder})",
-                    hint="watch it with `modelfleet fleet rollout status`",
-                ) from None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = Path(path).read_text().strip() or "?"
+                        raise FleetError(
+                            f"rollout {name!r} is already driven by another process (pid {holder})",
+                            hint="watch it with `modelfleet fleet rollout status`",
+                        ) from None
+                    time.sleep(0.05)
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
             yield

@@ -187,7 +187,8 @@ class SimulatedDevice:
         try:
             state = DesiredState.decode(msg.payload)
         except ProtocolError as exc:
-            self.fleet.loop.create_task(self.reconciler.on_bad_desired(str(exc)))
+            version = _version_of(msg.payload)
+            self.fleet.loop.create_task(self.reconciler.on_bad_desired(str(exc), version))
             return
         self.reconciler.on_desired(state)
 
@@ -277,6 +278,15 @@ class SimulatedFleet:
             for d in self.devices
             if d.reconciler.state.active is not None and d.reconciler.state.active.version == model_version
         )
+
+
+def _version_of(payload: bytes) -> int | None:
+    """The `$version` of a desired state that did not decode, if it has a usable one."""
+    try:
+        version = json.loads(payload).get("$version")
+    except (ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
 
 
 def raise_nofile(target: int = 65536) -> int:
