@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_transient_failure_is_retried_with_backoff_and_resumes(
         h.reconciler.on_desired(DesiredState(1, v1))
         await h.until(lambda: h.reported(1, "applied"))
         retry = [r for r in h.reports if r.attempt == 1 and r.reason]
-        assert retry and "retry in 0.1s" in (retry[0].reason or "") and retry[0].status == "applying"
+        assert retry and re.search(r"\(retry in 0\.\ds\)", retry[0].reason or "") and retry[0].status == "applying"
         assert h.store.last_download.resumed_from == 1000
         task.cancel()
 
@@ -150,7 +151,9 @@ def test_restore_falls_back_to_previous_when_active_is_gone(
 
 @pytest.mark.parametrize(("attempt", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)])
 def test_backoff_is_exponential_and_capped(attempt: int, delay: float) -> None:
-    assert Backoff(1.0, 60.0).delay(attempt) == delay
+    assert Backoff(1.0, 60.0, jitter=0.0).delay(attempt) == delay
+    jittered = [Backoff(1.0, 60.0, jitter=0.2).delay(attempt) for _ in range(50)]
+    assert all(0.8 * delay <= d <= 1.2 * delay for d in jittered) and len(set(jittered)) > 1
 
 
 def test_same_version_number_for_another_model_is_applied_after_restart(

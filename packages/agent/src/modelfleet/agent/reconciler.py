@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -36,14 +37,17 @@ Reporter = Callable[[ReportedState], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Backoff:
-    """Capped exponential backoff for transient failures."""
+    """Capped exponential backoff for transient failures, with jitter so that a fleet
+    whose artifact server came back does not retry in lockstep."""
 
     initial_s: float = 1.0
     max_s: float = 60.0
     factor: float = 2.0
+    jitter: float = 0.2  # +-20 %
 
     def delay(self, attempt: int) -> float:
-        return float(min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1)))
+        base = min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1))
+        return float(base * (1.0 + random.uniform(-self.jitter, self.jitter)))
 
 
 class CommandError(AgentError):
