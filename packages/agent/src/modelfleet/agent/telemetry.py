@@ -62,8 +62,13 @@ class TelemetryQueue:
             return {}
 
     def _save_meta(self) -> None:
+        # fsync'd: after a power cut a lost next_seq would restart at 1, and consumers
+        # (which drop a seq they have seen) would discard every new record
         tmp = self._meta.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"next_seq": self.next_seq, "dropped": self.dropped}))
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"next_seq": self.next_seq, "dropped": self.dropped}))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self._meta)
 
     def _path(self, seq: int) -> Path:
