@@ -153,6 +153,13 @@ class Fleet:
         )
 
     def stop(self) -> None:
+        # a detached controller left by a failing test stops at its next step
+        from modelfleet.deployer.fleet.store import ACTIVE_STATES, FleetStore
+
+        store = FleetStore(self.registry.home)
+        for r in store.all():
+            if r.state in ACTIVE_STATES:
+                store.set_state(r.name, "aborted")
         for a in self.agents.values():
             a.kill()
         if self.observer is not None:
