@@ -33,6 +33,8 @@ def serve(settings: ServerSettings) -> int:
         log.error("event=config_error field=model_dir reason=%r", "required (--model-dir or MODELFLEET_MODEL_DIR)")
         return 2
     if settings.workers == 1:
+        # not before a fork: OpenBLAS and onnxruntime threads do not survive one
+        _preimport(settings)
         return _run_worker(settings, None)
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -103,6 +105,34 @@ def _release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _preimport(settings: ServerSettings) -> None:
+    """Import the model's runtime library on a side thread while the loop and socket come up.
+
+    Importing NumPy and onnxruntime is most of the start-up time; overlapping it
+    with the rest saves a little. Only the library this model needs is imported
+    (a TFLite device must not pay onnxruntime's memory).
+    """
+    from .host import find_model_file
+
+    def work() -> None:
+        try:
+            if settings.entry_script or settings.model_dir is None:
+                import numpy  # noqa: F401  (nearly every score.py needs it)
+
+                return
+            suffix = find_model_file(settings.model_dir).suffix.lower()
+            if suffix == ".onnx":
+                import onnxruntime  # noqa: F401
+            else:
+                from .runtimes.tflite import interpreter_class
+
+                interpreter_class()
+        except Exception:  # the real load reports any problem
+            pass
+
+    threading.Thread(target=work, name="modelfleet-preimport", daemon=True).start()
 
 
 def _run_worker(settings: ServerSettings, sock: socket.socket | None) -> int:
