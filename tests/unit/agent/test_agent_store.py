@@ -228,3 +228,13 @@ def test_leftover_install_folders_are_removed_at_start(tmp_path: Path) -> None:
     leftover.mkdir(parents=True)
     ModelStore(tmp_path)
     assert not leftover.exists()
+
+
+def test_corrupt_kept_bytes_are_fetched_again_from_zero(tmp_path: Path, blob_server: BlobServer) -> None:
+    ref = blob_server.add(PAYLOAD)
+    store = store_at(tmp_path, blob_server)
+    (store.partial_dir / f"{ref.sha256}.part").write_bytes(b"\0" * 100_000)  # a power cut's leftovers
+    folder = store.fetch(ref)
+    assert (folder / ref.filename).read_bytes() == PAYLOAD
+    assert blob_server.ranges == ["bytes=100000-", None]
+    assert store.last_download.resumed_from == 0

@@ -165,7 +165,16 @@ class ModelStore:
         if self.is_installed(ref):
             return self.model_dir(ref)
         part = self._download(ref, cancel)
-        self._verify(ref, part)
+        try:
+            self._verify(ref, part)
+        except ArtifactError:
+            if not self.last_download.resumed_from:
+                raise
+            # the bytes kept from before may be what is wrong (a power cut mid-write):
+            # blame the artifact only after one clean download from zero
+            log.warning("event=resumed_download_corrupt model=%s retry=from_zero", ref.key)
+            part = self._download(ref, cancel)
+            self._verify(ref, part)
         return self._install(ref, part)
 
     def prune(self, keep: set[str]) -> None:
