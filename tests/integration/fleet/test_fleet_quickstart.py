@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,9 +21,9 @@ def _listening(port: int) -> bool:
 
 
 def test_device_quickstart_rolls_v1_then_v2_and_stops_everything(
-    tmp_path: Path, digits_onnx: Path, digits_onnx_v2: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, digits_onnx: Path, digits_onnx_v2: Path, monkeypatch: pytest.MonkeyPatch, mosquitto: Any
 ) -> None:
-    local.mosquitto_binary()  # skips or fails like the other broker tests when mosquitto is missing
+    # (the `mosquitto` fixture only makes a missing broker skip locally and fail in CI)
     registry = Registry(tmp_path / "home")
     v1 = registry.register("digits", digits_onnx).model
     v2 = registry.register("digits", digits_onnx_v2).model
@@ -48,8 +49,7 @@ def test_device_quickstart_rolls_v1_then_v2_and_stops_everything(
     assert not _listening(fleet.broker_port)
 
 
-def test_interrupt_mid_way_stops_broker_and_agents(tmp_path: Path) -> None:
-    local.mosquitto_binary()
+def test_interrupt_mid_way_stops_broker_and_agents(tmp_path: Path, mosquitto: Any) -> None:
     seen: list[local.LocalAgent] = []
 
     def interrupt(line: str) -> None:
