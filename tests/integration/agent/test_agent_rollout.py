@@ -171,6 +171,10 @@ def test_commands_get_state_rollback_restart_and_unknown(
     agent = agents("dev-5", mosquitto.port)
     wait_until(lambda: controller.presence.get("dev-5"), 30, "birth message")
 
+    fresh = controller.command("dev-5", "get-state")
+    assert fresh.ok and fresh.result is not None
+    assert (fresh.result["status"], fresh.result["$version"], fresh.result["active"]) == ("applied", None, None)
+
     nothing = controller.command("dev-5", "rollback")
     assert not nothing.ok and "no previous version" in (nothing.error or "")
 

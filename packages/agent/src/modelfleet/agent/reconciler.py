@@ -269,9 +269,11 @@ class Reconciler:
         """Report the current state again (e.g. after a reconnect or a restart-model)."""
         last = self.last_report
         if last is None:
-            return await self._report("applied" if self.state.active else "failed", self.state.handled_version,
-                                      stage=None if self.state.active else "desired",
-                                      reason=None if self.state.active else "no desired state received yet")
+            # nothing reported since start: what state.json says (a fresh device: nothing desired, nothing to do)
+            failure = self.state.failure
+            if failure is not None and failure.version == self.state.handled_version:
+                return await self._report("failed", failure.version, stage=failure.stage, reason=failure.reason)
+            return await self._report("applied", self.state.handled_version)
         return await self._report(last.status, last.version, stage=last.stage, reason=last.reason,
                                   attempt=last.attempt)
 
