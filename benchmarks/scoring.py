@@ -247,7 +247,7 @@ def main() -> None:
         line = f"{res['name']:<22}" + "".join(f"{rows[c]['rps']:>13,.0f}" for c in CONCURRENCY)
         line += (f"{rows[1]['p50_ms']:>8.3f}ms{rows[1]['p99_ms']:>8.3f}ms"
                  f"{rows[32]['p50_ms']:>8.2f}ms{rows[32]['p99_ms']:>8.2f}ms"
-                 f"{res['startup_s']:>9.2f}s{res['rss_mib']:>6.0f}MiB")
+                 f"{res['startup_s']:>9.2f}s{res['rss_mib']:>7.1f}MiB")
         bad = sum(rows[c]["non2xx"] + rows[c]["socket_errors"] for c in CONCURRENCY)
         if bad:
             line += f"  (errors: {bad:.0f})"
