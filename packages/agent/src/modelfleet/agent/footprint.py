@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -18,6 +19,7 @@ log = logging.getLogger("modelfleet.agent.footprint")
 _M_ARENA_MAX = -8
 
 
+@functools.cache  # find_library runs ldconfig: once per process, not once per swap
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
