@@ -27,7 +27,10 @@ class RunningServer:
     def __init__(self, host: ModelHost, settings: ServerSettings) -> None:
         self.host = host
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        import uvloop
+
+        # the event loop production runs on
+        self.loop = uvloop.new_event_loop()
         self.server = ScoringServer(host, settings)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -54,6 +57,7 @@ class RunningServer:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        self.loop.close()
         self.host.unload()
 
 
