@@ -146,3 +146,15 @@ def test_container_killed_for_memory_names_the_limit(
         docker_target.deploy(spec, lambda _line: None)
     assert "memory_gb" in err.value.hint
     assert containers_of(docker_client, spec.name) == []
+
+
+def test_base_image_build_without_root_says_what_to_do(
+    docker_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelfleet.deployer import docker_images
+
+    monkeypatch.setattr(docker_images, "default_base_image_tag", lambda: "modelfleet/base:absent")
+    monkeypatch.setattr(docker_images.os, "geteuid", lambda: 1000)
+    with pytest.raises(DeploymentError, match="needs root") as err:
+        docker_images.ensure_base_image(docker_client)
+    assert "--base-image" in str(err.value)
