@@ -258,8 +258,9 @@ FROM {base}
 # layers below change with modelfleet-scoring's own sources.
 COPY --from=deps {venv} {venv}
 COPY local/ /tmp/modelfleet-wheels/
-RUN {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off \\
-    /tmp/modelfleet-wheels/*.whl && rm -rf /tmp/modelfleet-wheels
+RUN if ls /tmp/modelfleet-wheels/*.whl >/dev/null 2>&1; then \\
+    {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off \\
+    /tmp/modelfleet-wheels/*.whl; fi && rm -rf /tmp/modelfleet-wheels
 ENV PATH={venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
     PYTHONUNBUFFERED=1 \\
     LANG=C.UTF-8
@@ -276,7 +277,7 @@ def ensure_runtime_image(
     """Base + a venv with modelfleet-scoring and the user's requirements, offline."""
     base_id = client.images.get(base).id
     dockerfile = _RUNTIME_DOCKERFILE.format(base=base_id, venv=VENV_DIR)
-    key = _hash(["runtime-v3", base_id, scoring.key, user.key if user else "", dockerfile])
+    key = _hash(["runtime-v4", base_id, scoring.key, user.key if user else "", dockerfile])
     tag = f"{RUNTIME_REPO}:{key[:16]}"
     if _image_exists(client, tag):
         progress(f"runtime image {tag} is cached")
@@ -288,6 +289,7 @@ def ensure_runtime_image(
             for wheel in sorted(scoring.path.glob("*.whl")):
                 tar.add(str(wheel), arcname=f"deps/{wheel.name}")
             _add_bytes(tar, "deps/requirements.txt", scoring.requirements.read_bytes())
+            _add_dir(tar, "local")  # empty outside a source checkout
             for wheel in scoring.local_wheels():
                 tar.add(str(wheel), arcname=f"local/{wheel.name}")
             if user is not None:
@@ -577,6 +579,13 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) 
     info.size = len(data)
     info.mode = mode
     tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    tar.addfile(info)
 
 
 def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
