@@ -53,7 +53,7 @@ def test_slow_run_never_blocks_health_checks(start_server, slow_spec) -> None:  
 
     def slow() -> int:
         started.set()
-        return httpx.post(server.url + "/score", json={"sleep_ms": 1500}, timeout=30).status_code
+        return httpx.post(server.url + "/score", json={"sleep_ms": 3000}, timeout=30).status_code
 
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(slow) for _ in range(2)]
@@ -64,9 +64,11 @@ def test_slow_run_never_blocks_health_checks(start_server, slow_spec) -> None:  
         assert server.server.pending == 2
         with server.client() as c:
             t0 = time.monotonic()
-            for _ in range(20):
+            for _ in range(10):
                 assert c.get("/v2/health/ready").status_code == 200
-            assert time.monotonic() - t0 < 1.0
+            # blocked behind the slow calls they would take ~3 s
+            assert time.monotonic() - t0 < 2.0
+            assert server.server.pending == 2
         assert [f.result() for f in futures] == [200, 200]
 
 
@@ -135,8 +137,11 @@ def test_fast_script_moves_inline_and_a_slow_call_moves_it_back(start_server, sl
     model = server.host.active
     assert model is not None and not model.inline  # a plain run() has no sample to time
     with server.client() as c:
-        for _ in range(PROMOTE_AFTER):
+        # a streak of PROMOTE_AFTER fast calls; a busy machine may break a streak
+        for _ in range(20 * PROMOTE_AFTER):
             assert c.post("/score", json={"sleep_ms": 0}).status_code == 200
+            if model.inline:
+                break
         assert model.inline
         assert c.post("/score", json={"sleep_ms": 150}).status_code == 200
         assert model.inline  # one slow call may be the machine's fault
