@@ -51,6 +51,7 @@ def test_run_that_raises_gets_500_and_server_keeps_serving(start_server, model_d
         assert r.status_code == 500
         body = r.json()
         assert body["error"] == "run() raised RuntimeError: negative pixel"
+        assert r.headers["x-ms-run-function-failed"] == "True"
         assert body["request_id"] == r.headers["x-request-id"]
         assert c.post("/score", json={"data": digits_rows[:1]}).json() == {"label": [0]}
 
@@ -61,6 +62,9 @@ def test_plain_script_gets_the_body_as_text(start_server, model_dir, digits_rows
         r = c.post("/score", json={"data": digits_rows[:2]})
         assert r.status_code == 200
         assert r.json() == [0, 1]
+        r = c.post("/score", json={"data": [[0.0] * 64]})
+        assert len(r.json()) == 1
+        assert r.headers["content-type"] == "application/json"
         r = c.post("/score", json={"data": []})
         assert r.status_code == 500
         assert r.json()["error"] == "run() raised ValueError: no rows given"

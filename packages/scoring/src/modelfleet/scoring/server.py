@@ -316,7 +316,11 @@ class ScoringServer:
         else:
             log.error("event=score_failed request_id=%s", rid, exc_info=exc)
             message = f"scoring failed: {type(exc).__name__}: {exc}"
-        return self._finish_score(req, rid, started, 500, {"error": message, "request_id": rid})
+        # the header Azure ML's server sets when run() fails; some clients look for it
+        return self._finish_score(
+            req, rid, started, 500, {"error": message, "request_id": rid},
+            extra=[("x-ms-run-function-failed", "True")],
+        )
 
     def _render_result(
         self, req: Request, rid: str, started: float, result: Any, model: LoadedModel
