@@ -125,11 +125,13 @@ def test_unknown_endpoint_and_wrong_method(digits_server) -> None:  # type: igno
 def test_serve_cli_no_code_onnx(serve_process, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    _proc, url = serve_process("--model-dir", str(digits_onnx.parent), "--model-name", "digits")
+    proc, url = serve_process("--model-dir", str(digits_onnx.parent), "--model-name", "digits")
     r = httpx.post(url + "/score", json={"data": digits_rows[:3]})
     assert r.status_code == 200
     assert r.json()["label"] == [0, 1, 2]
     assert httpx.get(url + "/v2/models/digits").status_code == 200
+    proc.terminate()  # SIGTERM: drain, stop, exit 0
+    assert proc.wait(10) == 0
 
 
 def test_open_inference_protocol_v2_infer(digits_server, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
