@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -56,15 +57,21 @@ def test_ctrl_c_during_quickstart_removes_the_service(home: Path) -> None:
     from modelfleet.deployer.quickstart import run_quickstart
 
     registry = Registry(home)
+    ports: list[int] = []
 
     def interrupt_once_ready(line: str) -> None:
         if "is ready at" in line:
+            ports.append(int(line.split("127.0.0.1:")[1].split("/")[0]))
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_quickstart(registry, progress=interrupt_once_ready)
     assert registry.list_services() == []
     assert not (home / "services" / "quickstart-digits").exists()
+    # the server it had started is gone too, not orphaned
+    assert ports, "quickstart never reported a ready service"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", ports[0])) != 0
 
 
 def test_registry_serve_command_serves_artifacts(home: Path, digits_onnx: Path) -> None:

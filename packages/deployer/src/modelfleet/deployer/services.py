@@ -93,6 +93,7 @@ class ServiceManager:
         }
         self.registry.reserve_service(name, target, config)
         workdir = self.registry.service_workdir(name)
+        record: ServiceRecord | None = None
         try:
             shutil.rmtree(workdir, ignore_errors=True)  # leftovers of a crashed CLI
             workdir.mkdir(parents=True)
@@ -103,6 +104,12 @@ class ServiceManager:
             self.registry.save_service(record)
         except BaseException as exc:
             log.info("event=deploy_failed service=%s target=%s reason=%r", name, target, str(exc))
+            if record is not None:  # running but not recorded (e.g. Ctrl-C): stop it
+                try:
+                    impl.delete(record, _quiet)
+                except Exception as cleanup_exc:
+                    log.warning("event=deploy_cleanup_failed service=%s reason=%r",
+                                name, str(cleanup_exc))
             self.registry.forget_service(name)
             shutil.rmtree(workdir, ignore_errors=True)
             raise

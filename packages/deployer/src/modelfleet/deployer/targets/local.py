@@ -247,14 +247,14 @@ class LocalTarget:
                 start_new_session=True,  # outlives the CLI; stopped as a process group
             )
         marker = str(admin_file)
+        base = f"http://127.0.0.1:{port}"
         try:
             self._wait_ready(proc, port, log_path, progress)
-        except BaseException:
+            progress(f"{spec.name} is ready at {base}/score")
+        except BaseException:  # Ctrl-C included: never leave a server nobody knows of
             _stop_process(proc.pid, marker)
             proc.wait(5)
             raise
-        base = f"http://127.0.0.1:{port}"
-        progress(f"{spec.name} is ready at {base}/score")
         return ServiceRecord(
             name=spec.name,
             target=self.name,
