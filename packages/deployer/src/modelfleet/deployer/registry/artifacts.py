@@ -9,6 +9,7 @@ Folders are stored as an uncompressed, deterministic tar.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from modelfleet.deployer.errors import ArtifactError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 ArtifactFormat = Literal["file", "tar"]
 _CHUNK = 1 << 20
@@ -113,18 +116,29 @@ class BlobStore:
         fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", dir=self.blobs)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as raw:
-                out = _HashingWriter(raw)
-                if fmt == "tar":
-                    write_deterministic_tar(source, out)  # type: ignore[arg-type]
-                else:
-                    try:
-                        with source.open("rb") as src:
-                            shutil.copyfileobj(src, out, _CHUNK)
-                    except OSError as exc:
-                        raise ArtifactError(f"cannot read model file {source}: {exc}") from exc
-                raw.flush()
-                os.fsync(raw.fileno())
+            try:
+                with os.fdopen(fd, "wb") as raw:
+                    out = _HashingWriter(raw)
+                    if fmt == "tar":
+                        write_deterministic_tar(source, out)  # type: ignore[arg-type]
+                    else:
+                        try:
+                            with source.open("rb") as src:
+                                shutil.copyfileobj(src, out, _CHUNK)
+                        except OSError as exc:
+                            if exc.errno in _DISK_FULL:
+                                raise
+                            raise ArtifactError(f"cannot read model file {source}: {exc}") from exc
+                    raw.flush()
+                    os.fsync(raw.fileno())
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise
+                raise ArtifactError(
+                    f"no space left to store {source.name} under {self.blobs} "
+                    f"({exc.strerror}); nothing was registered",
+                    hint="free some disk space, or point MODELFLEET_HOME at a larger disk",
+                ) from exc
             digest, size = out.digest, out.size
             sha = digest.hexdigest()
             final = self.path(sha)
