@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer import sqlitedb
 from modelfleet.deployer.errors import DeployerError
 from modelfleet.deployer.home import modelfleet_home
 
@@ -189,26 +190,17 @@ class FleetStore:
         # checkpoints the WAL every time, which dominated a 10,000-device rollout step
         with self._lock:
             if self._conn is None:
-                conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-                conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA journal_mode=WAL")
+                conn = sqlitedb.connect(self.db_path, check_same_thread=False)
                 # NORMAL in WAL mode: a process crash loses nothing; an OS crash may lose the last
                 # step, which the engine repeats (every step is idempotent)
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=30000")
+                sqlitedb.set_pragmas(conn, synchronous="NORMAL")
                 self._conn = conn
             yield self._conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._connect() as conn, sqlitedb.write_transaction(conn) as tx:
+            yield tx
 
     def close(self) -> None:
         with self._lock:

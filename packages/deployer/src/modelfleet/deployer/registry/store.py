@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.deployer import sqlitedb
 from modelfleet.deployer.errors import (
     ModelInUseError,
     ModelNotFoundError,
@@ -195,14 +196,11 @@ class Registry:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            conn = sqlitedb.connect(self.db_path)
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}") from exc
-        conn.row_factory = sqlite3.Row
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
+            sqlitedb.set_pragmas(conn, synchronous="FULL")
             yield conn
         except sqlite3.OperationalError as exc:
             # "database is locked" after the busy timeout, a full disk, a read-only home
@@ -216,14 +214,8 @@ class Registry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the lock up front (no upgrade deadlocks)."""
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._connect() as conn, sqlitedb.write_transaction(conn) as tx:
+            yield tx
 
     # ------------------------------------------------------------------ models
 
