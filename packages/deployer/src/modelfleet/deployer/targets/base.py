@@ -7,7 +7,7 @@ maps a target name ("local", "docker", ...) to its implementation.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -81,6 +81,16 @@ class ServiceRecord:
     swagger_uri: str | None = None
     models: list[str] = field(default_factory=list)  # "name:version"
     target_data: dict[str, Any] = field(default_factory=dict)  # pid, container id, image tag, ...
+
+
+def updated_record(record: ServiceRecord, spec: ServiceSpec, target_data: dict[str, Any]) -> ServiceRecord:
+    """The record of a service that now serves `spec`'s models, healthy, at the same URIs."""
+    return replace(
+        record,
+        state="healthy",
+        models=[f"{m.name}:{m.version}" for m in spec.models],
+        target_data=target_data,
+    )
 
 
 @dataclass(frozen=True)

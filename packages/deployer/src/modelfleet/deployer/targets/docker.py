@@ -22,16 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from modelfleet.deployer import docker_images as images
 from modelfleet.deployer import wheelhouse
 from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.targets import scoring_admin
 from modelfleet.deployer.targets.base import (
     Progress,
     ServiceRecord,
     ServiceSpec,
     ServiceStatus,
+    updated_record,
 )
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,7 @@ class DockerTarget:
             if old in (tag, started_from) or not images.remove_image_if_unused(self.client, old):
                 kept.append(old)
         data["images"] = [*[i for i in kept if i != tag], tag]
-        return ServiceRecord(
-            name=record.name,
-            target=self.name,
-            state="healthy",
-            scoring_uri=record.scoring_uri,
-            swagger_uri=record.swagger_uri,
-            models=[f"{m.name}:{m.version}" for m in spec.models],
-            target_data=data,
-        )
+        return updated_record(record, spec, data)
 
     def _hot_swap(
         self,
@@ -231,28 +223,24 @@ class DockerTarget:
             ) from exc
         progress(f"loading {release.model_name}:{release.model_version} beside the running version")
         admin_key = (Path(data["workdir"]) / ADMIN_KEY_FILE).read_text().strip()
-        try:
-            response = httpx.post(
-                f"http://127.0.0.1:{int(data['port'])}/v2/repository/models/{release.model_name}/load",
-                json={
-                    "model_dir": release.model_dir,
-                    "entry_script": release.entry_script,
-                    "version": release.model_version,
-                },
-                headers={"Authorization": f"Bearer {admin_key}"},
-                timeout=READY_TIMEOUT_S,
-            )
-        except httpx.HTTPError as exc:
-            raise DockerTargetError(
-                f"the scoring server did not answer the load request: {exc}"
-            ) from exc
-        if response.status_code != 200:
+
+        def drop_staged_release() -> None:
             if release.id != data.get("release"):
                 container.exec_run(["rm", "-rf", f"{images.RELEASES_DIR}/{release.id}"])
-            raise DockerTargetError(
-                f"the new version was refused ({response.status_code}): {_error_text(response)}; "
-                "the previous version keeps serving"
-            )
+
+        scoring_admin.load_beside(
+            int(data["port"]),
+            admin_key,
+            release.model_name,
+            {
+                "model_dir": release.model_dir,
+                "entry_script": release.entry_script,
+                "version": release.model_version,
+            },
+            timeout=READY_TIMEOUT_S,
+            error=DockerTargetError,
+            on_refused=drop_staged_release,
+        )
         # Traffic is on the new version; make a restart of this container start there too.
         container.exec_run(["ln", "-sfn", f"releases/{release.id}", images.CURRENT_LINK])
         if data.get("release") and data["release"] != release.id:
@@ -461,10 +449,7 @@ def _environment(runtime: dict[str, str]) -> tuple[str, str]:
 
 
 def _is_ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return scoring_admin.is_ready(port, timeout=1.0)
 
 
 def _wait_ready(container: Any, port: int, progress: Progress) -> None:
@@ -514,12 +499,3 @@ def _remove_container(container: Any) -> None:
         container.remove(force=True, v=True)
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300]
-    if isinstance(body, dict):
-        stage = body.get("stage")
-        return f"{body.get('error', body)}" + (f" (stage {stage})" if stage else "")
-    return str(body)[:300]

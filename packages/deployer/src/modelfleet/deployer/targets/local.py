@@ -23,15 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.targets import scoring_admin
 from modelfleet.deployer.targets.base import (
     ModelBinding,
     Progress,
     ServiceRecord,
     ServiceSpec,
     ServiceStatus,
+    updated_record,
 )
 
 KEYS_FILE = Path("secrets") / "keys.json"  # relative to the workdir, as the docker target
@@ -150,21 +150,7 @@ def _entry_script_path(spec: ServiceSpec) -> Path | None:
 
 
 def _is_ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300]
-    if isinstance(body, dict):
-        stage = f" (stage {body['stage']})" if "stage" in body else ""
-        return f"{body.get('error', body)}{stage}"
-    return str(body)[:300]
+    return scoring_admin.is_ready(port, timeout=2)
 
 
 def _stop_process(pid: int, marker: str) -> None:
@@ -330,39 +316,23 @@ class LocalTarget:
         first = spec.models[0]
         admin_key = Path(data["admin_key_file"]).read_text().strip()
         progress(f"loading {first.name}:{first.version} beside the running version")
-        try:
-            response = httpx.post(
-                f"http://127.0.0.1:{data['port']}/v2/repository/models/{first.name}/load",
-                json={
-                    "model_dir": str(model_dir),
-                    "entry_script": str(entry) if entry else None,
-                    "version": str(first.version),
-                },
-                headers={"Authorization": f"Bearer {admin_key}"},
-                timeout=ready_timeout(),
-            )
-        except httpx.HTTPError as exc:
-            raise LocalTargetError(
-                f"the scoring server did not answer the load request: {exc}"
-            ) from exc
-        if response.status_code != 200:
-            raise LocalTargetError(
-                f"the new version was refused ({response.status_code}): {_error_text(response)}; "
-                "the previous version keeps serving"
-            )
+        scoring_admin.load_beside(
+            int(data["port"]),
+            admin_key,
+            first.name,
+            {
+                "model_dir": str(model_dir),
+                "entry_script": str(entry) if entry else None,
+                "version": str(first.version),
+            },
+            timeout=ready_timeout(),
+            error=LocalTargetError,
+        )
         progress(
             f"{record.name} now serves {', '.join(f'{m.name}:{m.version}' for m in spec.models)}"
         )
         data.update(model_dir=str(model_dir), entry_script=str(entry) if entry else None)
-        return ServiceRecord(
-            name=record.name,
-            target=self.name,
-            state="healthy",
-            scoring_uri=record.scoring_uri,
-            swagger_uri=record.swagger_uri,
-            models=[f"{m.name}:{m.version}" for m in spec.models],
-            target_data=data,
-        )
+        return updated_record(record, spec, data)
 
     def status(self, record: ServiceRecord) -> ServiceStatus:
         data = record.target_data
