@@ -17,66 +17,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
+from update_load import Load
 
 from modelfleet.deployer.config import load_deployment_config, load_inference_config
 from modelfleet.deployer.registry import Registry
 from modelfleet.deployer.registry.server import ArtifactServer
-from modelfleet.deployer.samples import digits_rows, make_digits_onnx
+from modelfleet.deployer.samples import make_digits_onnx
 from modelfleet.deployer.services import ServiceManager
-
-
-class Load:
-    """Closed-loop clients; counts failures and the longest gap between successes."""
-
-    def __init__(self, url: str, key: str, clients: int) -> None:
-        self.url, self.key = url, key
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.ok = self.failed = 0
-        self.last_ok = time.monotonic()
-        self.longest_gap = 0.0
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        body = json.dumps({"data": digits_rows(1)}).encode()
-        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    good = client.post(self.url, content=body, headers=headers).status_code == 200
-                except httpx.HTTPError:
-                    good = False
-                    time.sleep(0.01)  # refused connections return at once; do not spin
-                now = time.monotonic()
-                with self.lock:
-                    if good:
-                        self.ok += 1
-                        self.longest_gap = max(self.longest_gap, now - self.last_ok)
-                        self.last_ok = now
-                    else:
-                        self.failed += 1
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(1.0)  # let the service settle on the new version under load
-        self.stop.set()
-        for t in self.threads:
-            t.join(10)
 
 
 def update_figures(home: Path, clients: int) -> None:
@@ -98,6 +54,7 @@ def update_figures(home: Path, clients: int) -> None:
         t0 = time.monotonic()
         manager.update("bench", [v2.key])
         hot_s = time.monotonic() - t0
+        time.sleep(1.0)  # let the service settle on the new version under load
     manager.delete("bench")
 
     deployment_same_port, _ = load_deployment_config(
@@ -110,6 +67,7 @@ def update_figures(home: Path, clients: int) -> None:
         manager.delete("bench")
         manager.deploy("bench", [v2.key], inference, deployment_same_port)
         base_s = time.monotonic() - t0
+        time.sleep(1.0)
     manager.delete("bench")
 
     print(f"local deploy to ready: {deploy_s:.2f} s")

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
+from update_load import Load
 
-from modelfleet.deployer.samples import digits_rows, make_digits_onnx
+from modelfleet.deployer.samples import make_digits_onnx
 from modelfleet.deployer.targets.base import (
     DeploymentConfig,
     InferenceConfig,
@@ -30,49 +29,6 @@ from modelfleet.deployer.targets.base import (
     ServiceSpec,
 )
 from modelfleet.deployer.targets.docker import DockerTarget
-
-
-class Load:
-    """Closed-loop clients; records failures and the longest gap between successes."""
-
-    def __init__(self, url: str, key: str, clients: int) -> None:
-        self.url, self.key = url, key
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.ok = 0
-        self.failed = 0
-        self.last_ok = time.monotonic()
-        self.longest_gap = 0.0
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        body = {"data": digits_rows(1)}
-        headers = {"Authorization": f"Bearer {self.key}"}
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    good = client.post(self.url, json=body, headers=headers).status_code == 200
-                except httpx.HTTPError:
-                    good = False
-                    time.sleep(0.01)  # a refused connection returns at once; do not spin
-                now = time.monotonic()
-                with self.lock:
-                    if good:
-                        self.ok += 1
-                        self.longest_gap = max(self.longest_gap, now - self.last_ok)
-                        self.last_ok = now
-                    else:
-                        self.failed += 1
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(15)
 
 
 def model(path: Path, version: int) -> ModelBinding:
