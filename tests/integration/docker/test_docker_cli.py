@@ -43,13 +43,15 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
         json.dumps(
             {
                 "computeType": "docker",
-                "containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 0.25},
+                "containerResourceRequirements": {"cpu": 0.25, "memoryInGB": 0.25},
                 "authEnabled": True,
             }
         )
     )
-    body = json.dumps({"data": digits_rows(1)})
-    deployed = run(home, "deploy", svc, "-m", "digits:1", "-dc", str(dc), "-o", "json")
+    body = json.dumps({"data": digits_rows(2)})
+    # --cpu-cores overrides the file's cpu; memory comes from the file
+    deployed = run(home, "deploy", svc, "-m", "digits:1", "-dc", str(dc), "--cpu-cores", "0.5",
+                   "-o", "json")  # fmt: skip
     try:
         view = json.loads(deployed.stdout)
         assert view["target"] == "docker" and view["state"] == "healthy"
@@ -58,6 +60,9 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
 
         called = json.loads(run(home, "service", "call", svc, "-d", body, "-o", "json").stdout)
         assert called["status_code"] == 200 and called["model_version"] == "1"
+        assert called["body"]["label"] == [0, 1]
+        listed = json.loads(run(home, "service", "list", "-o", "json").stdout)
+        assert [(s["name"], s["target"], s["state"]) for s in listed] == [(svc, "docker", "healthy")]
         refused = run(home, "service", "call", svc, "-d", body, "--no-auth", ok=False)
         assert refused.returncode != 0 and "401" in refused.stderr
         assert "Traceback" not in refused.stderr
@@ -75,7 +80,8 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
         assert shown["state"] == "healthy" and shown["models"] == ["digits:2"]
         assert run(home, "service", "logs", svc).stdout.strip()
     finally:
-        run(home, "service", "delete", svc, ok=False)
+        deleted = run(home, "service", "delete", svc, ok=False)
+    assert deleted.returncode == 0, deleted.stderr
     assert containers_of(docker_client, svc) == []
     assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
 
