@@ -42,6 +42,11 @@ class Harness:
     def reported(self, version: int, status: str) -> bool:
         return bool(self.reports) and self.reports[-1].version == version and self.reports[-1].status == status
 
+    async def apply(self, version: int, ref: ModelVersionRef) -> None:
+        """Hand the reconciler a desired state and wait until it reports it applied."""
+        self.reconciler.on_desired(DesiredState(version, ref))
+        await self.until(lambda: self.reported(version, "applied"))
+
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
@@ -59,10 +64,8 @@ def test_apply_persists_and_a_restart_serves_the_same_version(
     async def first() -> None:
         h = Harness(tmp_path, blob_server)
         task = asyncio.create_task(h.reconciler.run())
-        h.reconciler.on_desired(DesiredState(1, v1))
-        await h.until(lambda: h.reported(1, "applied"))
-        h.reconciler.on_desired(DesiredState(2, v2))
-        await h.until(lambda: h.reported(2, "applied"))
+        await h.apply(1, v1)
+        await h.apply(2, v2)
         assert h.host.active is not None and h.host.active.version == "2"
         assert [r.stage for r in h.reports if r.status == "applying"] == ["download", "load"] * 2
         task.cancel()
@@ -74,8 +77,7 @@ def test_apply_persists_and_a_restart_serves_the_same_version(
         assert h.reconciler.state.previous == v1
         task = asyncio.create_task(h.reconciler.run())
         served = blob_server.served
-        h.reconciler.on_desired(DesiredState(2, v2))  # the retained desired state again
-        await h.until(lambda: h.reported(2, "applied"))
+        await h.apply(2, v2)  # the retained desired state again
         assert blob_server.served == served and not [r for r in h.reports if r.status == "applying"]
         task.cancel()
 
@@ -92,8 +94,7 @@ def test_transient_failure_is_retried_with_backoff_and_resumes(
     async def go() -> None:
         h = Harness(tmp_path, blob_server)
         task = asyncio.create_task(h.reconciler.run())
-        h.reconciler.on_desired(DesiredState(1, v1))
-        await h.until(lambda: h.reported(1, "applied"))
+        await h.apply(1, v1)
         retry = [r for r in h.reports if r.attempt == 1 and r.reason]
         assert retry and re.search(r"\(retry in 0\.\ds\)", retry[0].reason or "") and retry[0].status == "applying"
         assert h.store.last_download.resumed_from == 1000
@@ -132,10 +133,8 @@ def test_restore_falls_back_to_previous_when_active_is_gone(
     async def apply_both() -> None:
         h = Harness(tmp_path, blob_server)
         task = asyncio.create_task(h.reconciler.run())
-        h.reconciler.on_desired(DesiredState(1, v1))
-        await h.until(lambda: h.reported(1, "applied"))
-        h.reconciler.on_desired(DesiredState(2, v2))
-        await h.until(lambda: h.reported(2, "applied"))
+        await h.apply(1, v1)
+        await h.apply(2, v2)
         task.cancel()
 
     async def restore() -> None:
@@ -166,8 +165,7 @@ def test_same_version_number_for_another_model_is_applied_after_restart(
         if restore:
             await h.reconciler.restore()
         task = asyncio.create_task(h.reconciler.run())
-        h.reconciler.on_desired(DesiredState(1, ref))  # a controller that started numbering again
-        await h.until(lambda: h.reported(1, "applied"))
+        await h.apply(1, ref)  # a controller that started numbering again
         assert h.host.active is not None and h.host.active.version == str(ref.version)
         task.cancel()
 
@@ -186,12 +184,10 @@ def test_reissued_desired_state_for_the_same_bytes_does_not_swap(
     async def go() -> None:
         h = Harness(tmp_path, blob_server)
         task = asyncio.create_task(h.reconciler.run())
-        h.reconciler.on_desired(DesiredState(1, v1))
-        await h.until(lambda: h.reported(1, "applied"))
+        await h.apply(1, v1)
         h.reconciler.drain_swap_events()
         before = len(h.reports)
-        h.reconciler.on_desired(DesiredState(2, moved))
-        await h.until(lambda: h.reported(2, "applied"))
+        await h.apply(2, moved)
         assert [r.status for r in h.reports[before:]] == ["applied"]
         assert h.reconciler.drain_swap_events() == []
         assert h.reconciler.state.active == moved
