@@ -1,5 +1,5 @@
 """Helpers every test may import (`from servicekit import ...`): free ports,
-waiting for a port, and the CI rule for missing services.
+waiting for a port or a condition, and the CI rule for missing services.
 
 A module of its own, not conftest.py: every test folder has a conftest, so
 `from conftest import` would pick whichever pytest loaded last.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -38,3 +40,14 @@ def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 10.0) 
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

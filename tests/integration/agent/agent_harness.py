@@ -3,6 +3,7 @@ agents as subprocesses, the registry handle."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -11,14 +12,13 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import servicekit
 
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.agent.protocol import (
@@ -34,14 +34,7 @@ from modelfleet.agent.protocol import (
 REPO = Path(__file__).resolve().parents[3]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+wait_until = functools.partial(servicekit.wait_until, interval=0.02)
 
 
 @dataclass

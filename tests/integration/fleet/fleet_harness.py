@@ -3,17 +3,19 @@ artifact server, the `modelfleet` CLI as a subprocess, and an observer on the br
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import servicekit
 
 from modelfleet.deployer.fleet.backends.base import DeviceInfo
 from modelfleet.deployer.fleet.backends.mqtt import MqttFleetBackend, MqttFleetSettings
@@ -22,14 +24,7 @@ CLI = [sys.executable, "-c", "from modelfleet.deployer.cli import main; main()"]
 TOKEN = "fleet-artifact-token"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+wait_until = functools.partial(servicekit.wait_until, interval=0.05)
 
 
 class Agent:
