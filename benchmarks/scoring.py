@@ -6,9 +6,12 @@ Prints, from one run on this machine: raw in-process onnxruntime throughput
 (the ceiling), then the modelfleet server in no-code mode and with an Azure ML
 style score.py, then azmlinfsrv serving the same score.py when it is installed
 (looked for in .cache/azmlinfsrv-venv; create it with
-`uv venv .cache/azmlinfsrv-venv --python 3.11 && uv pip install --python
+`uv venv .cache/azmlinfsrv-venv --python 3.11 && uv pip install --compile-bytecode --python
 .cache/azmlinfsrv-venv/bin/python azureml-inference-server-http onnxruntime "numpy<2"`).
-Also start-up time (process start to ready) and RSS after the load.
+Also start-up time (process start to ready; the median of `--starts` starts) and
+RSS after the load. Both venvs should hold bytecode (.pyc), as installed
+packages do: without it each start compiles NumPy & co. from source (a warning
+is printed).
 Load comes from `wrk` (apt-get install wrk). Other work on the machine skews
 figures: compare rows of the same run only, and run it more than once.
 """
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,9 +171,22 @@ def wrk(port: int, lua: Path, connections: int, duration: float, pin: str | None
             "non2xx": float(bad.group(1)) if bad else 0.0, "socket_errors": 1.0 if errors else 0.0}
 
 
+def has_bytecode(python: Path) -> bool:
+    """Whether the venv of `python` holds compiled NumPy (uv installs without .pyc unless told)."""
+    site = python.parent.parent / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    return any((site / "numpy" / "__pycache__").glob("__init__.*.pyc"))
+
+
 def measure(name: str, cmd: list[str], env: dict[str, str], port: int, ready: str, lua: Path,
             args: argparse.Namespace, check_body: bytes) -> dict[str, object]:
+    # start-up is the median of several starts: one start varies a lot on a busy machine
+    times = []
+    for _ in range(max(0, args.starts - 1)):
+        proc, startup = start(cmd, env, port, ready, args.server_cpus)
+        stop(proc)
+        times.append(startup)
     proc, startup = start(cmd, env, port, ready, args.server_cpus)
+    startup = statistics.median([*times, startup])
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/score", content=check_body,
                        headers={"content-type": "application/json"})
@@ -186,6 +203,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--pin", action="store_true", help="server on CPU 0, wrk on CPU 1")
     parser.add_argument("--skip-azml", action="store_true")
+    parser.add_argument("--starts", type=int, default=5, help="starts per server; start-up is their median")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     args.server_cpus = "0" if args.pin else None
@@ -214,6 +232,10 @@ def main() -> None:
     print(f"in-process ceiling: onnxruntime run {ceil['ort_run']:,.0f}/s; "
           f"orjson decode + run + encode {ceil['json_ort_json']:,.0f}/s")
 
+    for python in (ROOT / ".venv" / "bin" / "python", AZML.parent / "python"):
+        if python.exists() and not has_bytecode(python):
+            print(f"warning: no bytecode in {python.parent.parent} (start-up includes compiling): "
+                  "uv sync --frozen --compile-bytecode")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     results = []
     py = str(ROOT / ".venv" / "bin" / "python")
