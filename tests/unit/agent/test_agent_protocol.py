@@ -119,3 +119,18 @@ def test_bad_reported_state_from_a_device_is_a_protocol_error(payload: bytes, me
 def test_bad_presence_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="'ts' must be a number"):
         Presence.decode(b'{"device_id": "d", "online": true, "ts": "now"}')
+
+
+@pytest.mark.parametrize(
+    ("payload", "version"),
+    [
+        (b'{"$version": 9, "model": {"name": "x"}}', 9),
+        (b"not json", None),
+        (b"[9]", None),
+        (b'{"$version": true}', None),
+        (b'{"$version": 0}', None),
+        (b'{"$version": "9"}', None),
+    ],
+)
+def test_version_of_an_undecodable_desired_state(payload: bytes, version: int | None) -> None:
+    assert DesiredState.version_of(payload) == version

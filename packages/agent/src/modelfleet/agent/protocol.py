@@ -181,6 +181,16 @@ class DesiredState:
     def decode(cls, payload: bytes | str) -> DesiredState:
         return cls.from_dict(_load_json(payload, "desired state"))
 
+    @staticmethod
+    def version_of(payload: bytes | str) -> int | None:
+        """The `$version` of a desired state that did not decode, if it has a usable one
+        (a `failed` report about an invalid desired state carries it, else null)."""
+        try:
+            version = json.loads(payload).get("$version")
+        except (ValueError, AttributeError):
+            return None
+        return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
+
 
 @dataclass(frozen=True)
 class ActiveModel:

@@ -10,7 +10,6 @@ its birth message and re-publishes its latest reported state.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -229,7 +228,7 @@ class MqttTransport:
                 state = DesiredState.decode(payload)
             except ProtocolError as exc:
                 log.warning("event=bad_desired reason=%r", str(exc))
-                handler.on_bad_desired(str(exc), _version_of(payload))
+                handler.on_bad_desired(str(exc), DesiredState.version_of(payload))
                 return
             handler.on_desired(state)
         elif topic == self.topics.commands:
@@ -242,12 +241,3 @@ class MqttTransport:
                 )
                 return
             handler.on_command(request)
-
-
-def _version_of(payload: bytes) -> int | None:
-    """The `$version` of a desired state that failed to decode, if it has a usable one."""
-    try:
-        version = json.loads(payload).get("$version")
-    except (ValueError, AttributeError):
-        return None
-    return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None

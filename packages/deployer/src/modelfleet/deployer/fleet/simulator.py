@@ -187,7 +187,7 @@ class SimulatedDevice:
         try:
             state = DesiredState.decode(msg.payload)
         except ProtocolError as exc:
-            version = _version_of(msg.payload)
+            version = DesiredState.version_of(msg.payload)
             self.fleet.loop.create_task(self.reconciler.on_bad_desired(str(exc), version))
             return
         self.reconciler.on_desired(state)
@@ -280,13 +280,6 @@ class SimulatedFleet:
         )
 
 
-def _version_of(payload: bytes) -> int | None:
-    """The `$version` of a desired state that did not decode, if it has a usable one."""
-    try:
-        version = json.loads(payload).get("$version")
-    except (ValueError, AttributeError):
-        return None
-    return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
 
 
 def raise_nofile(target: int = 65536) -> int:
