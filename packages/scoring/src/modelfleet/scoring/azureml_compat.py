@@ -9,12 +9,11 @@ those module paths from here, through an import finder placed *last* on
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 import orjson
@@ -140,15 +139,23 @@ _MODULES = {
 }
 
 
-class _ShimFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves the Azure ML raw-request modules only when nothing else on sys.meta_path can."""
+if TYPE_CHECKING:
+    import importlib.abc
+
+
+class _ShimFinder:
+    """Serves the Azure ML raw-request modules only when nothing else on sys.meta_path can.
+
+    Finder and loader by protocol, not by subclassing `importlib.abc`: importing
+    that pulls in importlib.resources, tempfile, shutil, bz2 and lzma (~12 ms, 0.5-3 MiB).
+    """
 
     def find_spec(
         self, fullname: str, path: Any = None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname in _PACKAGES or fullname in _MODULES:
             return importlib.machinery.ModuleSpec(
-                fullname, self, is_package=fullname in _PACKAGES
+                fullname, cast("importlib.abc.Loader", self), is_package=fullname in _PACKAGES
             )
         return None
 
