@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from agent_harness import Controller, RegistryHandle, wait_until  # type: ignore[import-not-found]
+from helpers_traffic import Traffic
 
 from modelfleet.deployer.samples import digits_rows
 
@@ -43,35 +43,12 @@ def test_v1_applied_then_v2_hot_swapped_under_traffic_with_no_failed_request(
     port = agent.scoring_port
     assert serving_version(port) == "1"
 
-    failures: list[str] = []
-    versions: set[str] = set()
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                try:
-                    r = client.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS})
-                    if r.status_code != 200:
-                        failures.append(f"{r.status_code} {r.text[:200]}")
-                    else:
-                        versions.add(r.headers["x-model-version"])
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        wait_until(lambda: "1" in versions, 10, "traffic on v1")
+    with Traffic(f"http://127.0.0.1:{port}/score", {"data": ROWS}, clients=2) as traffic:
+        wait_until(lambda: "1" in traffic.versions, 10, "traffic on v1")
         d2 = controller.desire("dev-1", v2)
         report = controller.wait_reported("dev-1", d2, "applied")
-        wait_until(lambda: "2" in versions, 10, "traffic on v2")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert failures == []
+        wait_until(lambda: "2" in traffic.versions, 10, "traffic on v2")
+    assert traffic.failures == []
     assert report.active is not None and report.active.version == 2
     assert report.previous is not None and report.previous.version == 1
     assert report.applied_version == d2

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from helpers_traffic import Traffic
 from typer.testing import Result
 
 from modelfleet.deployer.registry import Registry
@@ -102,36 +103,17 @@ def test_update_under_traffic_fails_no_request(
 ) -> None:
     view = _deploy(cli, "digits-live")
     key = json.loads(cli("service", "keys", "digits-live", "-o", "json").stdout)["primary"]
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    results: list[tuple[int, str | None]] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                try:
-                    r = client.post(str(view["scoring_uri"]), content=request_body, headers=headers)
-                    results.append((r.status_code, r.headers.get("x-model-version")))
-                except httpx.HTTPError as exc:
-                    results.append((0, repr(exc)))
-
-    threads = [threading.Thread(target=traffic) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        assert _poll(lambda: len(results) > 50)
+    headers = {"Authorization": f"Bearer {key}"}
+    with Traffic(str(view["scoring_uri"]), request_body, headers=headers) as traffic:
+        assert _poll(lambda: len(traffic.answers) > 50)
         updated = cli("service", "update", "digits-live", "-m", "digits:2", "-o", "json")
         assert updated.exit_code == 0, updated.output
         assert json.loads(updated.stdout)["models"] == ["digits:2"]
-        seen = len(results)
-        assert _poll(lambda: len(results) > seen + 50)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-    failed = [r for r in results if r[0] != 200]
+        seen = len(traffic.answers)
+        assert _poll(lambda: len(traffic.answers) > seen + 50)
+    failed = [a for a in traffic.answers if a.status != 200]
     assert failed == [], failed[:5]
-    versions = [v for _, v in results]
+    versions = [a.version for a in traffic.answers]
     assert "1" in versions and versions[-1] == "2"
     assert json.loads(cli("service", "show", "digits-live", "-o", "json").stdout)["models"] == [
         "digits:2"

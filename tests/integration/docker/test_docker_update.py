@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from docker_helpers import Deployed, SpecFactory, binding
+from helpers_traffic import Traffic
 
 from modelfleet.deployer.errors import DeploymentError
 from modelfleet.deployer.samples import digits_rows
@@ -18,47 +18,6 @@ from modelfleet.deployer.targets.base import InferenceConfig, ServiceRecord
 from modelfleet.deployer.targets.docker import DockerTarget
 
 pytestmark = pytest.mark.docker
-
-
-class Traffic:
-    """Clients posting to a service until stopped; records every answer."""
-
-    def __init__(self, url: str, key: str, clients: int = 4) -> None:
-        self.url, self.key = url, key
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.bodies: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
-
-    def _loop(self) -> None:
-        body = {"data": digits_rows(1)}
-        with httpx.Client(timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    r = client.post(
-                        self.url, json=body, headers={"Authorization": f"Bearer {self.key}"}
-                    )
-                    with self.lock:
-                        if r.status_code == 200:
-                            self.ok += 1
-                            self.bodies.append(r.text)
-                        else:
-                            self.failures.append(f"{r.status_code} {r.text[:200]}")
-                except httpx.HTTPError as exc:
-                    with self.lock:
-                        self.failures.append(repr(exc))
-
-    def __enter__(self) -> Traffic:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(15)
 
 
 def call(record: ServiceRecord, key: str) -> str:
@@ -93,7 +52,9 @@ def test_update_under_traffic_drops_nothing_and_survives_restart(
     spec_v2 = make_spec(name=spec.name, workdir=spec.workdir, models=(binding(digits_onnx_v2, 2),))
     progress: list[str] = []
     assert record.scoring_uri
-    with Traffic(record.scoring_uri, key) as traffic:
+    with Traffic(
+        record.scoring_uri, {"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"}
+    ) as traffic:
         deadline = time.monotonic() + 10
         while traffic.ok < 20 and time.monotonic() < deadline:
             time.sleep(0.05)
