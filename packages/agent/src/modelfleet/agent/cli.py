@@ -40,7 +40,7 @@ async def _run(config_path: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .footprint import limit_malloc_arenas
+    from modelfleet.scoring.footprint import limit_malloc_arenas
 
     limit_malloc_arenas()
     try:

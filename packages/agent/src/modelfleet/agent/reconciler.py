@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
+from modelfleet.scoring.footprint import trim_heap
 
 from .errors import AgentError, ApplyError, Superseded
-from .footprint import trim_heap
 from .modelref import ModelVersionRef
 from .protocol import ActiveModel, ApplyStatus, DesiredState, ReportedState
 from .state import AgentState, Failure, StateFile

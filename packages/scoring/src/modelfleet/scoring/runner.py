@@ -12,6 +12,7 @@ import threading
 from contextlib import suppress
 
 from .errors import ModelLoadError
+from .footprint import trim_heap
 from .host import ModelHost, ModelSpec
 from .server import ScoringServer
 from .settings import ServerSettings
@@ -97,16 +98,6 @@ async def _load_in_passing_thread(host: ModelHost, spec: ModelSpec) -> None:
     await done
 
 
-def _release_free_memory() -> None:
-    """Hand memory freed while loading (model bytes, parse buffers) back to the OS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def _preimport(settings: ServerSettings) -> None:
     """Import the model's runtime library on a side thread while the loop and socket come up.
 
@@ -169,7 +160,7 @@ async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
         return 1
     if sock is not None:
         await server.start(sock)
-    _release_free_memory()
+    trim_heap()  # memory freed while loading (model bytes, parse buffers) back to the OS
     log.info("event=ready port=%d model=%s version=%s", server.port, spec.name, spec.version)
     await stop.wait()
     await server.stop()
