@@ -52,6 +52,10 @@ def test_pandas_and_standard_schemas(start_server, tmp_path) -> None:  # type: i
         missing = c.post("/score", json={"scale": 2.0})
         assert missing.status_code == 400
         assert missing.json()["error"].startswith("missing field 'data': expected an array of object")
+        # the field named is the one whose conversion failed, not the first declared
+        wrong = c.post("/score", json={"data": rows, "scale": "big"})
+        assert wrong.status_code == 400
+        assert "field 'scale' expects number (double)" in wrong.json()["error"]
         doc = c.get("/swagger.json").json()
     validate(doc)
     props = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]

@@ -41,6 +41,15 @@ def test_schema_script_bad_input_is_400_naming_the_field(start_server, model_dir
         r = c.post("/score", json={"data": [["x"] * 64]})
         assert r.status_code == 400
         assert "input does not match run()'s input schema" in r.json()["error"]
+        assert "field 'data' expects an array of an array of number (float)" in r.json()["error"]
+        r = c.post("/score", json={"data": [[0.0] * 3]})
+        assert r.status_code == 400
+        assert "field 'data' expects" in r.json()["error"]
+        assert "array has size 3 on dimension #1, while expected value is 64" in r.json()["error"]
+        r = c.post("/score", json=[[0.0] * 64])
+        assert r.status_code == 400
+        assert r.json()["error"] == "request body must be a JSON object whose fields are run()'s parameters"
+        assert c.get("/v2/health/ready").status_code == 200
 
 
 def test_run_that_raises_gets_500_and_server_keeps_serving(start_server, model_dir, digits_rows) -> None:  # type: ignore[no-untyped-def]
@@ -71,6 +80,9 @@ def test_plain_script_gets_the_body_as_text(start_server, model_dir, digits_rows
         r = c.post("/score", content=b"{not json")
         assert r.status_code == 400
         assert "malformed JSON body" in r.json()["error"]
+        r = c.post("/score", content=b"\xff\xfe", headers={"content-type": "text/plain"})
+        assert r.status_code == 400
+        assert r.json()["error"] == "request body is not UTF-8 text"
 
 
 def test_odd_run_results_never_stop_the_server(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -173,6 +173,12 @@ class EntryScriptRuntime:
                 raise InputError(
                     f"missing field {missing[0]!r}: expected {_type_text(props[missing[0]])}"
                 ) from None
+            field = _schema_field(exc)
+            if field in props:
+                raise InputError(
+                    f"input does not match run()'s input schema: field {field!r} expects "
+                    f"{_type_text(props[field])}; {_describe(exc)}"
+                ) from None
             raise InputError(f"input does not match run()'s input schema: {_describe(exc)}") from None
 
     def close(self) -> None:
@@ -252,6 +258,25 @@ def _entered(exc: BaseException, script: Path) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _schema_field(exc: BaseException) -> str | None:
+    """The parameter inference-schema was converting when `exc` was raised, if it was converting one.
+
+    Each `@input_schema` wrapper converts its own parameter and then calls the
+    next; the innermost wrapper frame in the traceback is the one that failed.
+    """
+    field = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "decorator_input" and frame.f_globals.get("__name__", "").startswith(
+            "inference_schema."
+        ):
+            name = frame.f_locals.get("param_name")
+            field = name if isinstance(name, str) else field
+        tb = tb.tb_next
+    return field
 
 
 def _type_text(schema: Any) -> str:
