@@ -45,3 +45,9 @@ class InputError(RequestError):
 
 class ScriptError(ScoringError):
     """The user's run() raised; answered with HTTP 500 and the server keeps serving."""
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, ScoringError
+from .errors import ModelLoadError, ScoringError, describe
 from .metrics import ScoringMetrics
 from .runtimes.base import (
     ENTRY_SCRIPT_RUNTIME,
@@ -268,7 +268,7 @@ class ModelHost:
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError("load", _describe(exc)) from exc
+            raise ModelLoadError("load", describe(exc)) from exc
         try:
             warmup_s = warm_up(runtime)
         except ScoringError as exc:
@@ -276,7 +276,7 @@ class ModelHost:
             raise ModelLoadError("warmup", str(exc)) from exc
         except Exception as exc:
             _safe_close(runtime)
-            raise ModelLoadError("warmup", _describe(exc)) from exc
+            raise ModelLoadError("warmup", describe(exc)) from exc
         return LoadedModel(spec, runtime, warmup_s, self.inline_threshold_s)
 
 
@@ -302,8 +302,3 @@ def _safe_close(runtime: Any) -> None:
         runtime.close()
     except Exception:
         log.exception("event=runtime_close_failed")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

@@ -11,7 +11,6 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
 
 import httptools
 
@@ -269,7 +268,3 @@ class HttpConnection(asyncio.Protocol):
         """Close now (server shutdown)."""
         if self._transport is not None:
             self._transport.close()
-
-
-def connection_factory(**kwargs: Any) -> Callable[[], HttpConnection]:
-    return lambda: HttpConnection(**kwargs)

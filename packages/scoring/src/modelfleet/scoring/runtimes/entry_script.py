@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .. import azureml_compat
-from ..errors import InputError, ModelLoadError, ScriptError
+from ..errors import InputError, ModelLoadError, ScriptError, describe
 from .base import RawResponse, ScoreInput, Signature, is_msgpack
 
 _counter = itertools.count(1)
@@ -75,7 +75,7 @@ class EntryScriptRuntime:
                 spec.loader.exec_module(module)
             except BaseException as exc:
                 sys.modules.pop(name, None)
-                raise ModelLoadError("load", f"importing {self.script.name} failed: {_describe(exc)}") from exc
+                raise ModelLoadError("load", f"importing {self.script.name} failed: {describe(exc)}") from exc
             raw_requested = any(getattr(m, "_rawHttpRequested", False) for m in _raw_flag_modules())
             init = getattr(module, "init", None)
             run = getattr(module, "run", None)
@@ -87,7 +87,7 @@ class EntryScriptRuntime:
                     init()
                 except BaseException as exc:
                     sys.modules.pop(name, None)
-                    raise ModelLoadError("load", f"init() raised {_describe(exc)}") from exc
+                    raise ModelLoadError("load", f"init() raised {describe(exc)}") from exc
         self.module = module
         self._run = run
         with _paths_lock:
@@ -155,14 +155,14 @@ class EntryScriptRuntime:
         try:
             return self._run(arg)
         except (Exception, SystemExit) as exc:  # sys.exit() in run() must not stop the server
-            raise ScriptError(f"run() raised {_describe(exc)}") from exc
+            raise ScriptError(f"run() raised {describe(exc)}") from exc
 
     def _call_schema(self, data: dict[str, Any]) -> Any:
         try:
             return self._run(**data)
         except (Exception, SystemExit) as exc:
             if _entered(exc, self.script):
-                raise ScriptError(f"run() raised {_describe(exc)}") from exc
+                raise ScriptError(f"run() raised {describe(exc)}") from exc
             # failed before run()'s body started: the input did not fit the declared schema
             props = (self._signature.input_schema or {}).get("properties", {})
             missing = [p for p in props if p not in data]
@@ -177,9 +177,9 @@ class EntryScriptRuntime:
             if field in props:
                 raise InputError(
                     f"input does not match run()'s input schema: field {field!r} expects "
-                    f"{_type_text(props[field])}; {_describe(exc)}"
+                    f"{_type_text(props[field])}; {describe(exc)}"
                 ) from None
-            raise InputError(f"input does not match run()'s input schema: {_describe(exc)}") from None
+            raise InputError(f"input does not match run()'s input schema: {describe(exc)}") from None
 
     def close(self) -> None:
         if self.module is not None:
@@ -287,11 +287,6 @@ def _type_text(schema: Any) -> str:
         return f"an array of {_type_text(schema.get('items'))}"
     fmt = schema.get("format")
     return f"{kind} ({fmt})" if fmt else str(kind)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def _identifier(stem: str) -> str:
