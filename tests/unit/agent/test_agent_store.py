@@ -6,8 +6,11 @@ import base64
 import dataclasses
 import io
 import os
+import socket
+import subprocess
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,9 +97,13 @@ def test_http_errors_are_named(
 
 
 def test_unreachable_server_is_transient(tmp_path: Path, blob_server: BlobServer) -> None:
-    ref = dataclasses.replace(blob_server.add(PAYLOAD), url="http://127.0.0.1:1/v1/artifacts/x")
-    with pytest.raises(ArtifactError, match="Connection refused") as info:
-        ModelStore(tmp_path).fetch(ref)
+    # a port bound but not listening refuses connections, and stays ours (a fixed port may be taken)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1/artifacts/x"
+        ref = dataclasses.replace(blob_server.add(PAYLOAD), url=url)
+        with pytest.raises(ArtifactError, match="Connection refused") as info:
+            ModelStore(tmp_path).fetch(ref)
     assert info.value.transient
 
 
@@ -238,3 +245,36 @@ def test_corrupt_kept_bytes_are_fetched_again_from_zero(tmp_path: Path, blob_ser
     assert (folder / ref.filename).read_bytes() == PAYLOAD
     assert blob_server.ranges == ["bytes=100000-", None]
     assert store.last_download.resumed_from == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 128 KiB tmpfs: a disk that fills up part-way through a download."""
+    from servicekit import missing_service  # type: ignore[import-not-found]
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        missing_service(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_filling_up_mid_download_is_named_and_keeps_the_bytes(
+    tmp_path: Path, blob_server: BlobServer, small_disk: Path
+) -> None:
+    ref = blob_server.add(PAYLOAD)
+    root = tmp_path / "store"
+    root.mkdir()
+    # the free-space check passes (the store's own disk is big), then the partial folder's disk fills:
+    # what another process writing to a shared disk does to a download
+    (root / "partial").symlink_to(small_disk)
+    store = store_at(root, blob_server)
+    with pytest.raises(ArtifactError, match=r"cannot write the download of m:1 to .*: No space left on device") as info:
+        store.fetch(ref)
+    assert info.value.stage == "download" and not info.value.transient  # final, like the disk reserve
+    kept = store.partial_size(ref)
+    assert 0 < kept <= 128 * 1024  # what fitted stays for a resume
+    assert not store.is_installed(ref)

@@ -18,6 +18,7 @@ and after an fsync'd rename: a power cut leaves either nothing or all of it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -28,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import ArtifactError, ConfigError, Superseded
 from .modelref import ModelVersionRef
@@ -257,41 +258,55 @@ class ModelStore:
         return part
 
     def _stream(self, ref: ModelVersionRef, response: Any, part: Path, have: int, cancel: threading.Event | None) -> int:
-        received = 0
-        started = time.monotonic()
-        with open(part, "r+b" if have else "wb") as out:
+        try:
+            out = open(part, "r+b" if have else "wb")  # noqa: SIM115 (closed on every path below)
+        except OSError as exc:
+            raise _write_failed(ref, part, exc) from None
+        try:
             out.seek(have)
             out.truncate()
-            try:
-                while True:
-                    if cancel is not None and cancel.is_set():
-                        raise Superseded(f"download of {ref.key} abandoned for a newer desired state")
-                    chunk = response.read(_CHUNK)
-                    if not chunk:
-                        break
-                    if have + received + len(chunk) > ref.size:
-                        out.truncate(0)
-                        raise ArtifactError(
-                            "verify", f"{ref.key}: the server sent more than the declared size of {ref.size} bytes"
-                        )
-                    out.write(chunk)
-                    received += len(chunk)
-                    if self.rate_limit_bps:
-                        # a bandwidth cap for metered links: sleep until we are back under it
-                        ahead = received / self.rate_limit_bps - (time.monotonic() - started)
-                        if ahead > 0:
-                            out.flush()
-                            time.sleep(ahead)
-            except (OSError, ValueError, http.client.HTTPException) as exc:
-                raise ArtifactError("download", f"{ref.url}: connection lost ({exc})", transient=True) from None
-            finally:
-                out.flush()
-                os.fsync(out.fileno())
+            received = self._copy(ref, response, out, have, cancel)
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+        except OSError as exc:  # the read side raises ArtifactError: this is the disk (full, or failing)
+            _close_keeping_bytes(out)
+            raise _write_failed(ref, part, exc) from None
+        except BaseException:
+            _close_keeping_bytes(out)
+            raise
         if have + received < ref.size:
             raise ArtifactError(
                 "download", f"{ref.url}: connection closed at {have + received} of {ref.size} bytes", transient=True
             )
         return received
+
+    def _copy(self, ref: ModelVersionRef, response: Any, out: BinaryIO, have: int,
+              cancel: threading.Event | None) -> int:
+        received = 0
+        started = time.monotonic()
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Superseded(f"download of {ref.key} abandoned for a newer desired state")
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                raise ArtifactError("download", f"{ref.url}: connection lost ({exc})", transient=True) from None
+            if not chunk:
+                return received
+            if have + received + len(chunk) > ref.size:
+                out.truncate(0)
+                raise ArtifactError(
+                    "verify", f"{ref.key}: the server sent more than the declared size of {ref.size} bytes"
+                )
+            out.write(chunk)
+            received += len(chunk)
+            if self.rate_limit_bps:
+                # a bandwidth cap for metered links: sleep until we are back under it
+                ahead = received / self.rate_limit_bps - (time.monotonic() - started)
+                if ahead > 0:
+                    out.flush()
+                    time.sleep(ahead)
 
     # --- verify and install -------------------------------------------------------
     def _verify(self, ref: ModelVersionRef, part: Path) -> None:
@@ -334,6 +349,21 @@ class ModelStore:
             raise ArtifactError("install", f"{ref.key}: {exc}") from None
         log.info("event=version_installed model=%s sha256=%s", ref.key, ref.sha256[:12])
         return final
+
+
+def _write_failed(ref: ModelVersionRef, part: Path, exc: OSError) -> ArtifactError:
+    # final, like the disk reserve: the bytes written so far stay, and a newer $version resumes from them
+    return ArtifactError("download", f"cannot write the download of {ref.key} to {part}: {exc.strerror or exc}")
+
+
+def _close_keeping_bytes(out: BinaryIO) -> None:
+    """Flush, fsync and close a partial download on a failure path: what reached the disk stays for a
+    resume; a second write error here (a full disk again) was already reported and is not worth another."""
+    with contextlib.suppress(OSError):
+        out.flush()
+        os.fsync(out.fileno())
+    with contextlib.suppress(OSError):
+        out.close()
 
 
 def safe_extract(archive: Path, target: Path) -> None:
