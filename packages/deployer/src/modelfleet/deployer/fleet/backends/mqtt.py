@@ -145,11 +145,16 @@ class MqttFleetBackend:
             ) from None
         self.client.loop_start()
         deadline = time.monotonic() + s.connect_timeout_s
-        if not self._connected.wait(max(0.0, deadline - time.monotonic())):
+        # the event is set by a CONNACK either way: a refusal (bad credentials) must be
+        # reported as such, not as the sync below timing out
+        if not self._connected.wait(max(0.0, deadline - time.monotonic())) or self._connect_rc:
             self.close()
             rc = self._connect_rc
             why = mqtt.connack_string(rc) if rc else "no answer"
-            raise FleetError(f"the MQTT broker at {s.url} refused the connection: {why}")
+            raise FleetError(
+                f"the MQTT broker at {s.url} refused the connection: {why}",
+                hint="check the user and password in --broker mqtt://user:password@host:port (or MODELFLEET_MQTT_URL)",
+            )
         if not self._synced.wait(max(0.0, deadline - time.monotonic())):
             self.close()
             raise FleetError(f"the MQTT broker at {s.url} did not replay the fleet state in time")
