@@ -230,6 +230,11 @@ def test_bad_create_inputs_are_refused(fleet: tuple[RolloutEngine, MemoryFleetBa
         engine.create(RolloutSpec("r", ref(2), target="tags.site = 'nowhere'"))
     with pytest.raises(FleetError, match="rollout name 'bad name' is invalid"):
         engine.create(RolloutSpec("bad name", ref(2)))
+    with pytest.raises(FleetError, match="--timeout: 0s leaves devices no time to report"):
+        engine.create(RolloutSpec("r", ref(2), timeout_s=0))
+    with pytest.raises(FleetError, match="--max-p99-ms: -5 is not a latency limit"):
+        engine.create(RolloutSpec("r", ref(2), max_p99_ms=-5))
+    assert engine.store.all() == []
     engine.create(RolloutSpec("r", ref(2), target="tags.site = 'a'"))
     with pytest.raises(FleetError, match="a rollout named 'r' already exists"):
         engine.create(RolloutSpec("r", ref(2), target="tags.site = 'b'"))

@@ -246,20 +246,20 @@ def rollout_create(
     parse_query(target)  # a malformed target fails before anything is contacted
     ref = ops.resolve_model(model, artifact_url, entry_script=entry_script)
     url = ops.broker_url(broker)
+    spec = RolloutSpec(
+        name=name,
+        model=ref,
+        target=target,
+        stages=tuple(spec_stages),
+        max_failure=spec_failure,
+        soak_s=soak_s,
+        timeout_s=timeout_s,
+        max_error_rate=error_rate,
+        max_p99_ms=max_p99_ms,
+        backend=ops.backend_record(url),
+    )
     store = FleetStore()
     with _backend(url) as backend:
-        spec = RolloutSpec(
-            name=name,
-            model=ref,
-            target=target,
-            stages=tuple(spec_stages),
-            max_failure=spec_failure,
-            soak_s=soak_s,
-            timeout_s=timeout_s,
-            max_error_rate=error_rate,
-            max_p99_ms=max_p99_ms,
-            backend=ops.backend_record(url),
-        )
         r = ops.create_rollout(store, backend, spec)
         if output is OutputFormat.table:
             typer.echo(f"-> rollout {name!r}: {ref.key} to {sum(1 for _ in store.devices(name))} devices in stages {r.stages}", err=True)

@@ -129,6 +129,16 @@ class RolloutSpec:
     max_p99_ms: float | None = None
     backend: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # refused here, before anything is stored or published: a zero timeout fails every
+        # device at once, a p99 limit of zero or less fails every stage that sees traffic
+        if not _NAME.match(self.name):
+            raise FleetError(f"rollout name {self.name!r} is invalid: use letters, digits, '.', '_' or '-' (max 128)")
+        if not self.timeout_s > 0:
+            raise FleetError(f"--timeout: {self.timeout_s:g}s leaves devices no time to report", hint="e.g. --timeout 10m")
+        if self.max_p99_ms is not None and not self.max_p99_ms > 0:
+            raise FleetError(f"--max-p99-ms: {self.max_p99_ms:g} is not a latency limit", hint="e.g. --max-p99-ms 50")
+
 
 # ---------------------------------------------------------------- the engine
 
@@ -150,10 +160,6 @@ class RolloutEngine:
     # -------------------------------------------------------------- create
 
     def create(self, spec: RolloutSpec) -> Rollout:
-        if not _NAME.match(spec.name):
-            raise FleetError(
-                f"rollout name {spec.name!r} is invalid: use letters, digits, '.', '_' or '-' (max 128)"
-            )
         query = parse_query(spec.target)
         tags = self.store.tags()
         matched = [d.device_id for d in self.backend.devices() if query.matches(_with_tags(d, tags).document())]
