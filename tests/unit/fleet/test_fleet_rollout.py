@@ -337,3 +337,23 @@ def test_rollback_waits_for_a_live_controller_to_let_go(fleet: tuple[RolloutEngi
     assert r.state == "rolled_back"
     assert all(d.state == "rolled_back" for d in engine.store.devices("r"))
     assert all(d.desired == ref(1, SHA1) for d in backend.devices())
+
+
+def test_a_rollback_that_cannot_reach_the_devices_leaves_the_rollout_as_it_was(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(50, 100)))
+    engine.step("r")
+
+    def broker_gone(assignments: object) -> dict[str, int]:
+        raise FleetError("cannot reach the MQTT broker")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "set_desired", broker_gone)
+        with pytest.raises(FleetError, match="cannot reach the MQTT broker"):
+            engine.rollback("r")
+    assert engine.store.get("r").state == "running"  # not 'rolled_back' with the devices still on v2
+    assert engine.store.devices("r", states=("pending",))
+    assert engine.rollback("r").state == "rolled_back"  # once the broker is back, the rollback goes through
+    assert all(d.desired == ref(1, SHA1) for d in backend.devices())

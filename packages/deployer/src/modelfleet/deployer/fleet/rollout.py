@@ -217,16 +217,24 @@ class RolloutEngine:
         r = self.store.get(name)
         if r.state == "rolled_back":
             raise FleetError(f"rollout {name!r} is already rolled back")
-        if r.state in ACTIVE_STATES:
+        was = r.state
+        if was in ACTIVE_STATES:
             # stop a live controller (it re-reads the state before each step) ...
             self.store.set_state(name, "rolled_back")
-        # ... and wait for it to let go, so no device it is issuing to escapes the rollback
-        with self.lease(name, wait_s=30):
-            touched = [d for d in self.store.devices(name) if d.state not in ("waiting", "rolled_back")]
-            self._roll_back(touched)
-            r.reason = "rolled back by the operator" + (f" (was: {r.reason})" if r.reason else "")
-            r.state = "rolled_back"
-            self.store.save(r, force=True)
+        try:
+            # ... and wait for it to let go, so no device it is issuing to escapes the rollback
+            with self.lease(name, wait_s=30):
+                touched = [d for d in self.store.devices(name) if d.state not in ("waiting", "rolled_back")]
+                self._roll_back(touched)
+        except BaseException:
+            # nothing was put back (the controller held on, or the broker failed): the rollout
+            # must not look rolled back, or a second `rollback` would be refused
+            if was in ACTIVE_STATES:
+                self.store.set_state(name, was, only_from=("rolled_back",))
+            raise
+        r.reason = "rolled back by the operator" + (f" (was: {r.reason})" if r.reason else "")
+        r.state = "rolled_back"
+        self.store.save(r, force=True)
         return r
 
     # -------------------------------------------------------------- driving
