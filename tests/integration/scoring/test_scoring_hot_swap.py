@@ -195,3 +195,21 @@ def test_swapped_script_versions_use_their_own_helper_modules(start_server, tmp_
         assert c.post("/score", json={}).json() == {"helper": "2"}
         server.host.load(ModelSpec(bundles[0], "score.py", version="3"))
         assert c.post("/score", json={}).json() == {"helper": "1"}
+
+
+def test_swagger_follows_swaps_made_through_the_python_api(start_server, digits_onnx) -> None:  # type: ignore[no-untyped-def]
+    # The agent swaps with host.load(), not over HTTP. A retired version's memory is
+    # reused by later ones, so a document cached by object address went stale: swap
+    # until a new version sits where the cached one was, then ask again.
+    server = start_server(ModelSpec(digits_onnx.parent, name="digits", version="0"))
+    version = 0
+    with server.client() as c:
+        for _ in range(30):
+            assert c.get("/swagger.json").json()["info"]["version"] == str(version)
+            cached_at = id(server.host.active)
+            for _ in range(100):
+                version += 1
+                server.host.load(ModelSpec(digits_onnx.parent, name="digits", version=str(version)))
+                if id(server.host.active) == cached_at:
+                    break
+        assert c.get("/swagger.json").json()["info"]["version"] == str(version)

@@ -80,7 +80,8 @@ class ScoringServer:
         self._timeout = self.settings.scoring_timeout_ms / 1000.0
         self._id_prefix = os.urandom(4).hex()
         self._ids = count(1)
-        self._swagger_cache: tuple[int, bytes] | None = None
+        # keyed by the model object itself: a retired version's id() is soon reused
+        self._swagger_cache: tuple[LoadedModel, bytes] | None = None
 
     @property
     def pending(self) -> int:
@@ -397,7 +398,6 @@ class ScoringServer:
             model = await self.host.aload(spec)
         except ModelLoadError as exc:
             return self._json(req, rid, 422, {"error": exc.reason, "stage": exc.stage, "request_id": rid})
-        self._swagger_cache = None
         return self._json(req, rid, 200, {"name": model.name, "version": model.version})
 
     # --- metadata -------------------------------------------------------------
@@ -406,11 +406,11 @@ class ScoringServer:
         if model is None:
             return self._error(req, rid, 503, "no model loaded yet")
         cached = self._swagger_cache
-        if cached is None or cached[0] != id(model):
+        if cached is None or cached[0] is not model:
             from .openapi import build_openapi
 
             doc = build_openapi(model, auth=self.keys.enabled)
-            cached = (id(model), orjson.dumps(doc, default=_json_default, option=_JSON_OPTS))
+            cached = (model, orjson.dumps(doc, default=_json_default, option=_JSON_OPTS))
             self._swagger_cache = cached
         return render(200, cached[1], JSON, rid, close=not req.keep_alive)
 
