@@ -1,13 +1,16 @@
-"""Fixtures for the agent's unit tests (the blob server lives in agent_blobserver.py)."""
+"""Fixtures for the agent's unit tests (the blob server lives in agent_blobserver.py) and a small disk."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from agent_blobserver import BlobServer, make_handler  # type: ignore[import-not-found]
+from servicekit import missing_service  # type: ignore[import-not-found]
 
 
 @pytest.fixture
@@ -20,3 +23,16 @@ def blob_server() -> Iterator[BlobServer]:
     yield state
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 128 KiB tmpfs: a disk that fills up part-way through a download."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        missing_service(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -7,10 +7,8 @@ import dataclasses
 import io
 import os
 import socket
-import subprocess
 import tarfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -245,21 +243,6 @@ def test_corrupt_kept_bytes_are_fetched_again_from_zero(tmp_path: Path, blob_ser
     assert (folder / ref.filename).read_bytes() == PAYLOAD
     assert blob_server.ranges == ["bytes=100000-", None]
     assert store.last_download.resumed_from == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 128 KiB tmpfs: a disk that fills up part-way through a download."""
-    from servicekit import missing_service  # type: ignore[import-not-found]
-
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        missing_service(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_disk_filling_up_mid_download_is_named_and_keeps_the_bytes(

@@ -86,3 +86,21 @@ def test_records_being_sent_are_not_dropped(tmp_path: Path) -> None:
     q.append({"n": 4})
     assert [rec["n"] for _, rec in q.peek(10)] == [2, 3, 4]
     assert q.dropped == 1
+
+
+def test_a_record_that_cannot_be_written_is_counted_as_dropped(small_disk: Path) -> None:
+    q = TelemetryQueue(small_disk / "queue")
+    assert q.append({"n": 0}) == 1
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError, match="No space left on device"):
+        while True:  # fill the disk to the last block
+            f.write(b"\0" * 4096)
+    with pytest.raises(OSError, match="No space left on device"):
+        q.append({"n": 1, "blob": "x" * 8192})
+    assert not list((small_disk / "queue").glob("*.tmp"))  # no half record left behind
+    filler.unlink()
+    assert q.append({"n": 2}) == 2  # no gap in seq: consumers read a gap as nothing
+    records = [rec for _, rec in q.peek(10)]
+    assert [r["n"] for r in records] == [0, 2]
+    assert records[-1]["dropped"] == 1  # the lost record is reported like one the bound dropped
+    assert TelemetryQueue(small_disk / "queue").dropped == 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .durable import write_atomic
 from .modelref import ModelRefError, ModelVersionRef
 
 log = logging.getLogger("modelfleet.agent.state")
@@ -92,14 +93,4 @@ class StateFile:
             return AgentState()
 
     def save(self, state: AgentState) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state.to_dict(), f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, json.dumps(state.to_dict(), sort_keys=True).encode())

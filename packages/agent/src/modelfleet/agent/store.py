@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from .durable import fsync_dir
 from .errors import ArtifactError, ConfigError, Superseded
 from .modelref import ModelVersionRef
 
@@ -340,7 +341,7 @@ class ModelStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
         except ArtifactError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -388,14 +389,6 @@ def safe_extract(archive: Path, target: Path) -> None:
         raise ArtifactError("install", f"not a valid tar archive: {exc}") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
@@ -407,4 +400,4 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))

@@ -18,6 +18,8 @@ from typing import Any
 
 import msgpack
 
+from .durable import write_atomic
+
 log = logging.getLogger("modelfleet.agent.telemetry")
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -62,14 +64,9 @@ class TelemetryQueue:
             return {}
 
     def _save_meta(self) -> None:
-        # fsync'd: after a power cut a lost next_seq would restart at 1, and consumers
+        # durable: after a power cut a lost next_seq would restart at 1, and consumers
         # (which drop a seq they have seen) would discard every new record
-        tmp = self._meta.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"next_seq": self.next_seq, "dropped": self.dropped}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._meta)
+        write_atomic(self._meta, json.dumps({"next_seq": self.next_seq, "dropped": self.dropped}).encode())
 
     def _path(self, seq: int) -> Path:
         return self.folder / f"{seq:016d}.rec"
@@ -77,15 +74,16 @@ class TelemetryQueue:
     def append(self, record: dict[str, Any]) -> int:
         """Stamp `record` with the next `seq` and the drop count, store it; its seq."""
         seq = self.next_seq
-        self.next_seq += 1
         record = {**record, "seq": seq, "dropped": self.dropped}
         data = msgpack.packb(record, use_bin_type=True)
-        tmp = self.folder / f"{seq:016d}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(seq))
+        try:
+            write_atomic(self._path(seq), data)
+        except OSError:
+            # e.g. a full disk: the record is lost, so count it like one the bound dropped (the
+            # consumer learns of it) and keep its seq for the next one (a gap would say nothing)
+            self.dropped += 1
+            raise
+        self.next_seq += 1
         self._entries.append((seq, len(data)))
         self._enforce_bound()
         self._save_meta()
