@@ -213,3 +213,31 @@ def test_swagger_follows_swaps_made_through_the_python_api(start_server, digits_
                 if id(server.host.active) == cached_at:
                     break
         assert c.get("/swagger.json").json()["info"]["version"] == str(version)
+
+
+def test_request_in_flight_finishes_on_the_old_version_which_is_then_released(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    slow = SCRIPTS / "score_slow.py"
+    server = start_server(ModelSpec(tmp_path, slow, name="slow", version="1"))
+    old = server.host.active
+    result: list[httpx.Response] = []
+    caller = threading.Thread(
+        target=lambda: result.append(httpx.post(server.url + "/score", json={"sleep_ms": 1500}, timeout=30))
+    )
+    caller.start()
+    deadline = time.monotonic() + 10
+    while old.inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert old.inflight == 1
+    server.host.load(ModelSpec(tmp_path, slow, name="slow", version="2"))
+    # retired but still in use: not closed under the request
+    assert not old.closed
+    r = httpx.post(server.url + "/score", json={"sleep_ms": 1}, timeout=30)
+    assert r.headers["x-model-version"] == "2"
+    caller.join(30)
+    assert result[0].status_code == 200
+    assert result[0].headers["x-model-version"] == "1"
+    assert result[0].json() == {"slept_ms": 1500}
+    deadline = time.monotonic() + 10
+    while not old.closed and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert old.closed and old.inflight == 0
