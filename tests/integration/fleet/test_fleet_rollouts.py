@@ -200,6 +200,7 @@ def test_conflicting_rollout_is_refused_and_tags_target_devices(
     assert f"conflicts with rollout 'slow' (running): device '{agents[0].device_id}' (and 1 more devices)" in second.stderr
     busy = fleet.cli("device", "set", agents[0].device_id, "--model", "digits:2")
     assert busy.returncode != 0 and f"device '{agents[0].device_id}' is in rollout 'slow' (running)" in busy.stderr
+    assert "hint: wait for it to finish, or stop it with `modelfleet fleet rollout abort slow`" in busy.stderr
     assert fleet.cli("rollout", "abort", "slow").returncode == 0
     listed = fleet.cli_json("rollout", "list")
     assert [(r["name"], r["state"]) for r in listed] == [("slow", "aborted")]

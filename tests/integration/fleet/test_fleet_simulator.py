@@ -13,8 +13,9 @@ import pytest
 
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.deployer.fleet.backends.mqtt import MqttFleetBackend, MqttFleetSettings
+from modelfleet.deployer.fleet.operations import set_device_model
 from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
-from modelfleet.deployer.fleet.store import FleetStore
+from modelfleet.deployer.fleet.store import FleetError, FleetStore
 
 pytestmark = pytest.mark.mqtt
 COUNT = 60
@@ -63,3 +64,10 @@ def test_simulated_warmup_failure_halts_the_canary_stage(simulated: MqttFleetBac
     assert "stage 1: 3 of 3 devices failed" in (r.reason or "")
     assert "warmup: simulated warm-up failure of version 3" in (r.reason or "")
     assert all(d.active != "sim:3" for d in simulated.devices())
+
+
+def test_a_device_that_refuses_a_version_set_by_hand_says_why(simulated: MqttFleetBackend, tmp_path: Path) -> None:
+    one = simulated.devices()[0].device_id
+    with pytest.raises(FleetError, match=f"device '{one}' refused sim:3: warmup: simulated warm-up failure of version 3"):
+        set_device_model(FleetStore(tmp_path), simulated, one, ref(3), wait_s=30)
+    assert simulated.device(one).active != "sim:3"  # type: ignore[union-attr]

@@ -21,7 +21,6 @@ from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
 from modelfleet.deployer.fleet.query import parse_query
 from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec, merged_devices
 from modelfleet.deployer.fleet.store import (
-    ACTIVE_STATES,
     FleetError,
     FleetStore,
     Rollout,
@@ -98,9 +97,12 @@ def set_device_model(
 ) -> DeviceInfo:
     """Point one device at a model version (debugging); refused while a rollout holds the device."""
     get_device(store, backend, device_id)
-    for r in store.all():
-        if r.state in ACTIVE_STATES and any(d.device_id == device_id for d in store.devices(r.name)):
-            raise RolloutConflictError(f"device {device_id!r} is in rollout {r.name!r} ({r.state})")
+    holder = store.holder(device_id)
+    if holder is not None:
+        raise RolloutConflictError(
+            f"device {device_id!r} is in rollout {holder.name!r} ({holder.state})",
+            hint=f"wait for it to finish, or stop it with `modelfleet fleet rollout abort {holder.name}`",
+        )
     version = backend.set_desired({device_id: ref})[device_id]
     deadline = time.monotonic() + wait_s
     while True:

@@ -325,6 +325,16 @@ class FleetStore:
             rows = conn.execute(sql + " ORDER BY position", args).fetchall()
         return [_row_device(r) for r in rows]
 
+    def holder(self, device_id: str) -> Rollout | None:
+        """The active (running or paused) rollout that holds a device, if any."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT r.* FROM fleet_rollout_devices d JOIN fleet_rollouts r ON r.name = d.rollout "
+                f"WHERE d.device_id = ? AND r.state IN ({','.join('?' * len(ACTIVE_STATES))}) LIMIT 1",
+                (device_id, *ACTIVE_STATES),
+            ).fetchone()
+        return _row_rollout(row) if row else None
+
     # the hot path of a step touches only (device, state, $version, reason): at 10,000
     # devices, parsing every row's previous model reference dominated the step
 
