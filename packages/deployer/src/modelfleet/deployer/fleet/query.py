@@ -125,12 +125,8 @@ def _compare(op: str, left: Any, right: Literal_) -> bool:
     if left is _MISSING:
         return False
     if op in ("=", "!="):
-        if _is_number(left) and _is_number(right):
-            equal = left == right
-        elif isinstance(left, bool) or isinstance(right, bool):
-            equal = type(left) is type(right) and left == right
-        else:
-            equal = type(left) is type(right) and left == right
+        # 1 = 1.0, but a number never equals a string and true never equals 1
+        equal = left == right if _is_number(left) and _is_number(right) else type(left) is type(right) and left == right
         return equal if op == "=" else not equal
     if _is_number(left) and _is_number(right):
         a, b = float(left), float(right)  # type: ignore[arg-type]
