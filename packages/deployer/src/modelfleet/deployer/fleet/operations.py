@@ -19,7 +19,12 @@ from typing import Any
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
 from modelfleet.deployer.fleet.query import parse_query
-from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec, merged_devices
+from modelfleet.deployer.fleet.rollout import (
+    RolloutEngine,
+    RolloutSpec,
+    merged_devices,
+    with_central_tags,
+)
 from modelfleet.deployer.fleet.store import (
     FleetError,
     FleetStore,
@@ -74,8 +79,7 @@ def get_device(store: FleetStore, backend: FleetBackend, device_id: str) -> Devi
             f"no device {device_id!r} has been seen on the fleet backend",
             hint="devices are known once they connected; see `modelfleet fleet devices`",
         )
-    central = store.tags().get(device_id)
-    return replace(info, tags={**info.tags, **central}) if central else info
+    return with_central_tags(info, store.tags())
 
 
 def tag_device(store: FleetStore, backend: FleetBackend, device_id: str, tags: Mapping[str, str]) -> DeviceInfo:

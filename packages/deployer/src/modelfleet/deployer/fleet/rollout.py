@@ -27,8 +27,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +161,7 @@ class RolloutEngine:
 
     def create(self, spec: RolloutSpec) -> Rollout:
         query = parse_query(spec.target)
-        tags = self.store.tags()
-        matched = [d.device_id for d in self.backend.devices() if query.matches(_with_tags(d, tags).document())]
+        matched = [d.device_id for d in merged_devices(self.store, self.backend) if query.matches(d.document())]
         if not matched:
             raise FleetError(
                 f"target {spec.target!r} matches no known device",
@@ -508,16 +507,13 @@ class RolloutEngine:
         }
 
 
-def _with_tags(info: DeviceInfo, central: dict[str, dict[str, str]]) -> DeviceInfo:
+def with_central_tags(info: DeviceInfo, central: Mapping[str, Mapping[str, str]]) -> DeviceInfo:
+    """The device with the tags set by `fleet tag` laid over the ones it declared."""
     extra = central.get(info.device_id)
-    if not extra:
-        return info
-    from dataclasses import replace
-
-    return replace(info, tags={**info.tags, **extra})
+    return replace(info, tags={**info.tags, **extra}) if extra else info
 
 
 def merged_devices(store: FleetStore, backend: FleetBackend) -> list[DeviceInfo]:
     """Every device with its central tags laid over the ones it reported."""
     central = store.tags()
-    return [_with_tags(d, central) for d in backend.devices()]
+    return [with_central_tags(d, central) for d in backend.devices()]

@@ -8,7 +8,7 @@ every method here is cheap and never blocks on the network for long.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,6 +154,3 @@ class ChangeLog:
             self._ids = []
         return end, out
 
-
-def sorted_devices(devices: Sequence[DeviceInfo]) -> list[DeviceInfo]:
-    return sorted(devices, key=lambda d: d.device_id)

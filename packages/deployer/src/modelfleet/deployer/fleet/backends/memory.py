@@ -76,12 +76,6 @@ class MemoryFleetBackend:
             out[device_id] = version
         return out
 
-    def set_tags(self, device_id: str, tags: Mapping[str, str | None]) -> DeviceInfo:
-        d = self._devices[device_id]
-        merged = {k: v for k, v in {**d.tags, **tags}.items() if v is not None}
-        self._devices[device_id] = replace(d, tags=merged)
-        return self._devices[device_id]
-
     def telemetry(
         self, device_ids: Iterable[str], since: float, model: tuple[str, int] | None = None
     ) -> TelemetrySummary:

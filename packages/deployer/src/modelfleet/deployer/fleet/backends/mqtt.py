@@ -34,7 +34,6 @@ from modelfleet.agent.protocol import (
     Presence,
     ReportedState,
     TelemetryBatch,
-    check_device_id,
     fleet_topic,
 )
 from modelfleet.agent.telemetry import percentile
@@ -425,9 +424,3 @@ def _served(model: Any) -> tuple[str, int] | None:
     except (TypeError, ValueError):
         return None
 
-
-def validate_device_id(device_id: str) -> str:
-    try:
-        return check_device_id(device_id)
-    except ProtocolError as exc:
-        raise FleetError(str(exc)) from None
