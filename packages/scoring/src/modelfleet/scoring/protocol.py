@@ -121,7 +121,8 @@ class HttpConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            if not self._closing:  # usually refused already in on_headers_complete
+                self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
 
@@ -165,6 +166,11 @@ class HttpConnection(asyncio.Protocol):
             self._headers[key] = text
 
     def on_headers_complete(self) -> None:
+        if self._parser.should_upgrade():
+            # refused before the request is dispatched, or it would get two responses
+            # (the handler's, then this one when the parser stops at the upgrade)
+            self._fail(400, "protocol upgrades are not supported")
+            return
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self._reject = 413
