@@ -143,6 +143,13 @@ def test_admin_endpoint_swaps_and_refuses(start_server, digits_onnx, digits_onnx
         r = c.post("/v2/repository/models/digits/load", content=b"{oops", headers=auth)
         assert r.status_code == 400
         assert "malformed JSON body" in r.json()["error"]
+        for field, value, message in [
+            ("entry_script", 3, 'field "entry_script" must be a string or null'),
+            ("version", True, 'field "version" must be a string'),
+        ]:
+            r = c.post("/v2/repository/models/digits/load", json={**body, field: value}, headers=auth)
+            assert r.status_code == 400
+            assert r.json()["error"] == message
         assert c.get("/v2/models/digits").json()["versions"] == ["2"]
 
 

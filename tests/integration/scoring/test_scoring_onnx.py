@@ -120,6 +120,10 @@ def test_unknown_endpoint_and_wrong_method(digits_server) -> None:  # type: igno
         r = c.put("/score", content=b"{}")
         assert r.status_code == 405
         assert r.headers["allow"] == "POST"
+        assert r.json()["error"] == "method PUT not allowed on /score; use POST"
+        r = c.post("/metrics")
+        assert (r.status_code, r.headers["allow"]) == (405, "GET")
+        assert r.json()["error"] == "method POST not allowed on /metrics; use GET"
 
 
 def test_serve_cli_no_code_onnx(serve_process, digits_onnx, digits_rows) -> None:  # type: ignore[no-untyped-def]
@@ -151,6 +155,8 @@ def test_open_inference_protocol_v2_infer(digits_server, digits_onnx, digits_row
 
         cases = [
             ({"inputs": []}, 'request body must be an object with a non-empty "inputs" list'),
+            ({"inputs": [["X"]]}, "inputs[0] must be an object with name, shape, datatype and data"),
+            ({"inputs": [{**request["inputs"][0], "shape": [2, -64]}]}, "input 'X': shape must be a list of non-negative integers"),
             ({"inputs": [{**request["inputs"][0], "datatype": "INT64"}]}, "input 'X': datatype must be FP32, got 'INT64'"),
             ({"inputs": [{**request["inputs"][0], "name": "Y"}]}, "inputs[0]: unknown input 'Y'"),
             ({"inputs": [{**request["inputs"][0], "shape": [3, 64]}]}, "input 'X': data does not fit shape [3, 64] of FP32"),

@@ -57,6 +57,7 @@ def test_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({}, config_file=unknown, environ={})
     assert info.value.field == "colour"
+    assert str(info.value) == f"colour: unknown setting in {unknown}"
     with pytest.raises(ConfigError, match="file not found"):
         load_settings({}, config_file=tmp_path / "missing.toml", environ={})
 

@@ -26,6 +26,9 @@ def test_keys_file_errors_name_the_field(tmp_path: Path) -> None:
     path.write_text(json.dumps({"secondary": "x"}))
     with pytest.raises(ConfigError, match='needs a non-empty "primary" key'):
         KeyRing(path)
+    path.write_text(json.dumps({"primary": "p", "secondary": 5}))
+    with pytest.raises(ConfigError, match='"secondary" must be a string'):
+        KeyRing(path)
     admin = tmp_path / "admin"
     admin.write_text("\n")
     with pytest.raises(ConfigError, match="is empty; it must hold one token"):
