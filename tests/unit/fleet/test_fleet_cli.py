@@ -86,3 +86,31 @@ def test_tag_needs_key_value(run) -> None:  # type: ignore[no-untyped-def]
     code, out = run("tag", "dev-1", "site")
     assert code != 0
     assert "tag 'site' is not KEY=VALUE" in out
+
+
+def test_status_table_shows_why_a_rollout_stopped(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    for i in range(4):
+        backend.add(f"dev-{i}")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend)
+    engine.create(RolloutSpec("r", v2, stages=(25, 100)))
+    engine.step("r")
+    canary = engine.store.devices("r", states=("pending",))[0].device_id
+    backend.report(canary, "failed", reason="ValueError: broken", stage="warmup")
+    assert engine.step("r").state == "failed"
+
+    code, out = run("rollout", "status", "r")
+    assert code == 0
+    assert "failed" in out
+    assert f"stage 1: 1 of 1 devices failed (max 0%); {canary}: warmup: ValueError: broken" in out
+    assert "rolled_back=1" in out and "waiting=3" in out  # progress per stage
+    row = next(line for line in out.splitlines() if line.startswith(canary))
+    assert "rolled_back" in row and "warmup: ValueError: broken" in row
+    code, out = run("rollout", "list")
+    assert code == 0 and "digits:2" in out and "failed" in out
