@@ -138,6 +138,15 @@ def test_bad_desired_state_is_reported_and_changes_nothing(
     assert report.stage == "desired" and "missing field 'version'" in (report.reason or "")
     assert serving_version(agent.scoring_port) == "1"
 
+    # a malformed command is answered under its id, when that much can be read, else under ""
+    commands = "modelfleet/v1/dev-4/commands"
+    controller.publish_raw(commands, b'{"protocol": 1, "id": "c-bad", "name": "get-state", "args": []}')
+    answer = wait_until(lambda: controller.responses.get("c-bad"), 30, "response to a malformed command")
+    assert not answer.ok and "command: 'args' must be an object" in (answer.error or "")
+    controller.publish_raw(commands, b"not json")
+    garbled = wait_until(lambda: controller.responses.get(""), 30, "response to a garbled command")
+    assert not garbled.ok and "command: not valid JSON" in (garbled.error or "")
+
 
 def test_commands_get_state_rollback_restart_and_unknown(
     mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,

@@ -134,3 +134,24 @@ def test_bad_presence_is_a_protocol_error() -> None:
 )
 def test_version_of_an_undecodable_desired_state(payload: bytes, version: int | None) -> None:
     assert DesiredState.version_of(payload) == version
+
+
+@pytest.mark.parametrize(
+    ("payload", "cid"),
+    [
+        (b'{"protocol": 1, "id": "c-7", "name": "get-state", "args": []}', "c-7"),
+        (b"not json", ""),
+        (b'["c-7"]', ""),
+        (b'{"id": 7, "name": "get-state"}', ""),
+    ],
+)
+def test_id_of_an_undecodable_command(payload: bytes, cid: str) -> None:
+    with pytest.raises(ProtocolError):
+        CommandRequest.decode(payload)
+    assert CommandRequest.id_of(payload) == cid
+
+
+@pytest.mark.parametrize("value", ['""', "[]", "{}", "false"])
+def test_a_number_field_refuses_every_non_number(value: str) -> None:
+    with pytest.raises(ProtocolError, match="presence: 'ts' must be a number"):
+        Presence.decode(f'{{"protocol": 1, "device_id": "d", "online": true, "ts": {value}}}')

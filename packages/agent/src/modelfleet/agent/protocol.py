@@ -124,7 +124,9 @@ def _int(data: dict[str, Any], key: str, what: str, *, minimum: int = 0) -> int:
 
 
 def _num(data: dict[str, Any], key: str, what: str) -> float:
-    value = data.get(key) or 0.0
+    value = data.get(key)
+    if value is None:  # absent or null: not stamped
+        return 0.0
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ProtocolError(f"{what}: {key!r} must be a number")
     return float(value)
@@ -373,6 +375,16 @@ class CommandRequest:
         if not isinstance(args, dict):
             raise ProtocolError(f"{what}: 'args' must be an object")
         return cls(cid, name, args)
+
+    @staticmethod
+    def id_of(payload: bytes | str) -> str:
+        """The `id` of a command that did not decode, if it has a usable one, else "" (the
+        error response then carries it, so the controller waiting on that id hears why)."""
+        try:
+            cid = json.loads(payload).get("id")
+        except (ValueError, AttributeError):
+            return ""
+        return cid if isinstance(cid, str) else ""
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,9 @@ class MqttTransport:
             except ProtocolError as exc:
                 log.warning("event=bad_command reason=%r", str(exc))
                 self._client.publish(
-                    self.topics.responses, CommandResponse("", False, error=str(exc)).encode(), qos=1
+                    self.topics.responses,
+                    CommandResponse(CommandRequest.id_of(payload), False, error=str(exc)).encode(),
+                    qos=1,
                 )
                 return
             handler.on_command(request)
