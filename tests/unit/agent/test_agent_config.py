@@ -52,6 +52,7 @@ def test_env_alone_is_enough() -> None:
         ('[device]\nid = "a/b"\n', {}, r"config: device\.id: device id 'a/b' is invalid"),
         ('[device]\nid = "d"\n[broker]\nhots = "x"\n', {}, r"config: broker\.hots: unknown key"),
         ('[devices]\nid = "d"\n', {}, r"config: devices: unknown section"),
+        ('broker = "localhost"\n[device]\nid = "d"\n', {}, r"config: broker: must be a table \(\[broker\] with keys"),
         ('[device]\nid = "d"\n[broker]\nport = "many"\n', {}, r"broker\.port \(from .*agent\.toml\): expected int, got 'many'"),
         ('[device]\nid = "d"\n', {"MODELFLEET_AGENT_BROKER_PORT": "70000"}, r"broker\.port: must be 0-65535"),
         ('[device]\nid = "d"\n', {"MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "0"}, r"telemetry\.interval_s: must be positive"),

@@ -169,8 +169,10 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
         for section, table in data.items():
-            if section not in SECTIONS or not isinstance(table, dict):
+            if section not in SECTIONS:
                 raise ConfigError(section, f"unknown section in {path} (known: {', '.join(SECTIONS)})")
+            if not isinstance(table, dict):
+                raise ConfigError(section, f"must be a table ([{section}] with keys below it) in {path}, got {table!r}")
             for key, raw in table.items():
                 name = f"{section}_{key}"
                 if name not in _FIELDS:
