@@ -357,3 +357,16 @@ def test_a_rollback_that_cannot_reach_the_devices_leaves_the_rollout_as_it_was(
     assert engine.store.devices("r", states=("pending",))
     assert engine.rollback("r").state == "rolled_back"  # once the broker is back, the rollback goes through
     assert all(d.desired == ref(1, SHA1) for d in backend.devices())
+
+
+def test_a_full_disk_is_named_and_stores_nothing(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    with engine.store._connect() as conn:  # the database may not grow by a single page: a full disk
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+    for i in range(10, 400):
+        backend.add(f"dev-{i:03d}-{'x' * 40}")
+    with pytest.raises(FleetError, match=r"fleet state in .*registry\.db: database or disk is full"):
+        engine.create(RolloutSpec("r", ref(2)))
+    assert engine.store.all() == []
+    assert backend.published[-1][1] == ref(1, SHA1)  # nothing was sent to a device

@@ -195,7 +195,15 @@ class FleetStore:
                 # step, which the engine repeats (every step is idempotent)
                 sqlitedb.set_pragmas(conn, synchronous="NORMAL")
                 self._conn = conn
-            yield self._conn
+            try:
+                yield self._conn
+            except sqlite3.OperationalError as exc:
+                # a full disk, a read-only home, "database is locked" after the busy timeout:
+                # the transaction was rolled back, so a retry (or `rollout resume`) starts clean
+                raise FleetError(
+                    f"fleet state in {self.db_path}: {exc}",
+                    hint="check disk space and that MODELFLEET_HOME is writable, then retry",
+                ) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
