@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,12 @@ def test_bad_desired_state_is_reported_and_changes_nothing(
     controller.publish_raw(commands, b"not json")
     garbled = wait_until(lambda: controller.responses.get(""), 30, "response to a garbled command")
     assert not garbled.ok and "command: not valid JSON" in (garbled.error or "")
+
+    # a command that fails on something unforeseen is answered too, not left to the controller's timeout
+    shutil.rmtree(agent.store_dir / "models" / "versions")
+    broken = controller.command("dev-4", "get-state")
+    assert not broken.ok and "get-state failed: FileNotFoundError" in (broken.error or "")
+    assert serving_version(agent.scoring_port) == "1"  # what is loaded keeps serving
 
 
 def test_commands_get_state_rollback_restart_and_unknown(

@@ -179,6 +179,9 @@ class Agent:
             response = CommandResponse(request.id, True, result=result)
         except AgentError as exc:
             response = CommandResponse(request.id, False, error=str(exc))
+        except Exception as exc:  # an OS error (a full disk, a folder removed) or a bug: answer all the same
+            log.exception("event=command_crashed name=%s id=%s", request.name, request.id)
+            response = CommandResponse(request.id, False, error=f"{request.name} failed: {type(exc).__name__}: {exc}")
         log.info("event=command name=%s id=%s ok=%s", request.name, request.id, response.ok)
         await self.transport.respond(response)
 
