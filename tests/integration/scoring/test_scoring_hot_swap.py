@@ -248,3 +248,32 @@ def test_request_in_flight_finishes_on_the_old_version_which_is_then_released(st
     while not old.closed and time.monotonic() < deadline:
         time.sleep(0.005)
     assert old.closed and old.inflight == 0
+
+
+def test_refused_script_version_leaves_env_path_and_helpers_to_the_serving_one(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import sys
+
+    bundles = {}
+    for version in ("1", "2", "3"):
+        folder = tmp_path / f"v{version}"
+        folder.mkdir()
+        (folder / "mf_refused_helper.py").write_text(f"VERSION = {version!r}\n")
+        (folder / "score.py").write_text(
+            "import os\nimport mf_refused_helper\n\n"
+            "def init():\n    if mf_refused_helper.VERSION == '2':\n        raise RuntimeError('broken v2')\n\n"
+            "def run(data):\n    import mf_refused_helper as h\n"
+            "    return {'helper': h.VERSION, 'dir': os.environ['AZUREML_MODEL_DIR']}\n"
+        )
+        bundles[version] = folder
+    server = start_server(ModelSpec(bundles["1"], "score.py", version="1"))
+    with server.client() as c:
+        assert c.post("/score", json={}).json() == {"helper": "1", "dir": str(bundles["1"])}
+        with pytest.raises(ModelLoadError, match="init\\(\\) raised RuntimeError: broken v2"):
+            server.host.load(ModelSpec(bundles["2"], "score.py", version="2"))
+        assert os.environ["AZUREML_MODEL_DIR"] == os.environ["MODELFLEET_MODEL_DIR"] == str(bundles["1"])
+        assert str(bundles["2"].resolve()) not in sys.path
+        assert c.post("/score", json={}).json() == {"helper": "1", "dir": str(bundles["1"])}
+        # the refused version's cached helper must not stand in for the next version's
+        server.host.load(ModelSpec(bundles["3"], "score.py", version="3"))
+        assert c.post("/score", json={}).json() == {"helper": "3", "dir": str(bundles["3"])}

@@ -27,6 +27,7 @@ from .base import RawResponse, ScoreInput, Signature, is_msgpack
 _counter = itertools.count(1)
 # init() reads the model folder from the process environment, so loads run one at a time.
 _env_lock = threading.Lock()
+_MODEL_DIR_VARS = ("MODELFLEET_MODEL_DIR", "AZUREML_MODEL_DIR")
 # sys.path and the helper-module bookkeeping; held only briefly
 _paths_lock = threading.Lock()
 # folders of loaded entry scripts (a multiset would be exact; versions rarely share one)
@@ -58,8 +59,9 @@ class EntryScriptRuntime:
         module = importlib.util.module_from_spec(spec)
         script_dir = str(self.script.parent.resolve())
         with _env_lock:
-            os.environ["MODELFLEET_MODEL_DIR"] = str(self.model_dir)
-            os.environ["AZUREML_MODEL_DIR"] = str(self.model_dir)
+            saved_env = {var: os.environ.get(var) for var in _MODEL_DIR_VARS}
+            for var in _MODEL_DIR_VARS:
+                os.environ[var] = str(self.model_dir)
             # helper modules next to score.py import as they do on Azure ML; another
             # version's folder must not shadow them, nor its cached helper modules
             with _paths_lock:
@@ -67,33 +69,49 @@ class EntryScriptRuntime:
                     sys.path.remove(script_dir)
                 sys.path.insert(0, script_dir)
                 _forget_helpers_outside(script_dir)
-            raw_flags = _raw_flag_modules()
-            for mod in raw_flags:
+            for mod in _raw_flag_modules():
                 setattr(mod, "_rawHttpRequested", False)  # noqa: B010
             sys.modules[name] = module
             try:
-                spec.loader.exec_module(module)
-            except BaseException as exc:
+                run, raw_requested = self._import_and_init(spec.loader, module)
+            except ModelLoadError:
+                # refused: the serving version keeps its environment, sys.path and helpers
                 sys.modules.pop(name, None)
-                raise ModelLoadError("load", f"importing {self.script.name} failed: {describe(exc)}") from exc
-            raw_requested = any(getattr(m, "_rawHttpRequested", False) for m in _raw_flag_modules())
-            init = getattr(module, "init", None)
-            run = getattr(module, "run", None)
-            if not callable(run):
-                sys.modules.pop(name, None)
-                raise ModelLoadError("load", f"{self.script.name} defines no run() function")
-            if callable(init):
-                try:
-                    init()
-                except BaseException as exc:
-                    sys.modules.pop(name, None)
-                    raise ModelLoadError("load", f"init() raised {describe(exc)}") from exc
+                for var, value in saved_env.items():
+                    if value is None:
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = value
+                with _paths_lock:
+                    if script_dir not in _script_dirs:
+                        while script_dir in sys.path:
+                            sys.path.remove(script_dir)
+                        _forget_modules_in(script_dir)
+                raise
         self.module = module
         self._run = run
         with _paths_lock:
             _script_dirs.add(script_dir)
         self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
         self._signature = self._read_schema(run)
+
+    def _import_and_init(self, loader: Any, module: types.ModuleType) -> tuple[Any, bool]:
+        """Execute the script and call its init(); its run() and whether it asked for raw mode."""
+        try:
+            loader.exec_module(module)
+        except BaseException as exc:
+            raise ModelLoadError("load", f"importing {self.script.name} failed: {describe(exc)}") from exc
+        raw_requested = any(getattr(m, "_rawHttpRequested", False) for m in _raw_flag_modules())
+        run = getattr(module, "run", None)
+        if not callable(run):
+            raise ModelLoadError("load", f"{self.script.name} defines no run() function")
+        init = getattr(module, "init", None)
+        if callable(init):
+            try:
+                init()
+            except BaseException as exc:
+                raise ModelLoadError("load", f"init() raised {describe(exc)}") from exc
+        return run, raw_requested
 
     def _read_schema(self, run: Any) -> Signature:
         sig = Signature()
