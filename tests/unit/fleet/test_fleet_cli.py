@@ -114,3 +114,26 @@ def test_status_table_shows_why_a_rollout_stopped(run, tmp_path: Path) -> None: 
     assert "rolled_back" in row and "warmup: ValueError: broken" in row
     code, out = run("rollout", "list")
     assert code == 0 and "digits:2" in out and "failed" in out
+
+
+def test_detached_controller_gets_the_broker_password_outside_its_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from modelfleet.deployer.fleet import operations
+
+    monkeypatch.setenv("MODELFLEET_HOME", str(tmp_path / "home"))
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class Recorder:
+        pid = 4242
+
+        def __init__(self, args: list[str], **kwargs: object) -> None:
+            started.append((args, kwargs["env"]))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subprocess, "Popen", Recorder)
+    assert operations.start_detached("r", "mqtt://ctl:s3cret@127.0.0.1:1883") == 4242
+    [(args, env)] = started
+    assert not any("s3cret" in a for a in args)
+    assert env["MODELFLEET_MQTT_URL"] == "mqtt://ctl:s3cret@127.0.0.1:1883"

@@ -163,7 +163,9 @@ def start_detached(name: str, broker: str) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "modelfleet.deployer.fleet", "drive", name, "--broker", broker],
+            [sys.executable, "-m", "modelfleet.deployer.fleet", "drive", name],
+            # the URL may carry a password: in the environment, not on a command line `ps` shows
+            env={**os.environ, "MODELFLEET_MQTT_URL": broker},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
