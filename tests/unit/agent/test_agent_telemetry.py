@@ -104,3 +104,14 @@ def test_a_record_that_cannot_be_written_is_counted_as_dropped(small_disk: Path)
     assert [r["n"] for r in records] == [0, 2]
     assert records[-1]["dropped"] == 1  # the lost record is reported like one the bound dropped
     assert TelemetryQueue(small_disk / "queue").dropped == 1
+
+
+def test_an_unreadable_record_is_skipped_and_counted_as_dropped(tmp_path: Path) -> None:
+    q = TelemetryQueue(tmp_path)
+    for i in range(3):
+        q.append({"n": i})
+    (tmp_path / f"{2:016d}.rec").write_bytes(b"\xc1")  # 0xc1 is never valid msgpack: a damaged file
+    assert [rec["n"] for _, rec in q.peek(10)] == [0, 2]
+    assert len(q) == 2 and q.dropped == 1
+    assert q.append({"n": 3}) == 4
+    assert [rec["dropped"] for _, rec in q.peek(10)][-1] == 1  # the consumer learns of the loss

@@ -114,8 +114,10 @@ class TelemetryQueue:
             try:
                 out.append((seq, msgpack.unpackb(self._path(seq).read_bytes(), raw=False)))
             except (OSError, ValueError) as exc:
+                # a damaged file: lost like a record the bound dropped, and counted so
                 log.error("event=telemetry_unreadable seq=%d reason=%r", seq, str(exc))
                 self.ack([seq])
+                self.dropped += 1
         return out
 
     def release(self, seqs: list[int]) -> None:
