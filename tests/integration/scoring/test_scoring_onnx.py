@@ -59,6 +59,11 @@ def test_request_id_is_echoed(digits_server, digits_rows) -> None:  # type: igno
         r1 = c.post("/score", json={"data": digits_rows[:1]}, headers={"x-request-id": "abc-123"})
         r2 = c.post("/score", json={"data": digits_rows[:1]}, headers={"x-ms-client-request-id": "ms-9"})
         r3 = c.get("/v2/health/live")
+        r4 = c.post("/score", json={"data": digits_rows[:1]}, headers={"x-ms-request-id": "ms-4"})
+        r5 = c.get("/v2/health/live", headers={"x-request-id": "x" * 201})
+    assert r4.headers["x-request-id"] == r4.headers["x-ms-request-id"] == "ms-4"
+    # an absurdly long client id is replaced, not echoed
+    assert r5.headers["x-request-id"] != "x" * 201 and len(r5.headers["x-request-id"]) < 40
     assert r1.headers["x-request-id"] == "abc-123"
     assert r2.headers["x-request-id"] == "ms-9"
     assert r2.headers["x-ms-request-id"] == "ms-9"
