@@ -45,12 +45,26 @@ def secured_broker(mosquitto: Any, tmp_path: Path) -> Iterator[Any]:
     broker.stop()
 
 
-def test_make_passwords_refuses_a_bad_device_id(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("a/b", "invalid device id: a/b"),
+        ("-dev", "invalid device id: -dev"),  # the agent refuses it too: it must start with a letter or digit
+        ("d" * 129, "invalid device id: " + "d" * 129),
+        # a device by that name would replace the controller's password and get its ACL (every device's topics)
+        ("modelfleet-controller", "modelfleet-controller is the controller's user name, not a device id"),
+    ],
+)
+def test_make_passwords_refuses_a_bad_device_id(tmp_path: Path, device: str, message: str) -> None:
+    existing = tmp_path / "pw"
+    existing.write_text("dev-1:$7$kept\n")
     made = subprocess.run(
-        [str(REPO / "deploy" / "mosquitto" / "make-passwords.sh"), str(tmp_path / "pw"), "x", "a/b"],
+        [str(REPO / "deploy" / "mosquitto" / "make-passwords.sh"), str(existing), "x", "dev-1", device],
         capture_output=True, text=True,
     )
-    assert made.returncode == 2 and "invalid device id: a/b" in made.stderr
+    assert made.returncode == 2 and message in made.stderr
+    assert existing.read_text() == "dev-1:$7$kept\n"  # checked before anything is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pw"]
 
 
 class Device:
