@@ -88,6 +88,14 @@ def test_tag_needs_key_value(run) -> None:  # type: ignore[no-untyped-def]
     assert "tag 'site' is not KEY=VALUE" in out
 
 
+@pytest.mark.parametrize("key", ["a.b", "my key", "x/y"])
+def test_tag_key_a_target_condition_cannot_name_is_refused(run, key: str) -> None:  # type: ignore[no-untyped-def]
+    code, out = run("tag", "dev-1", f"{key}=x")
+    assert code != 0
+    assert f"tag key {key!r} could not be used in a target condition" in out
+    assert "no dots or spaces" in out  # the hint
+
+
 def test_status_table_shows_why_a_rollout_stopped(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from modelfleet.agent.modelref import ModelVersionRef
     from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend

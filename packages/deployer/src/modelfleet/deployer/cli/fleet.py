@@ -20,7 +20,7 @@ from modelfleet.deployer.cli._common import (
 )
 from modelfleet.deployer.fleet import operations as ops
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
-from modelfleet.deployer.fleet.query import parse_query
+from modelfleet.deployer.fleet.query import check_tag_key, parse_query
 from modelfleet.deployer.fleet.rollout import (
     RolloutEngine,
     RolloutSpec,
@@ -103,6 +103,8 @@ def tag(
 ) -> None:
     """Set central tags on a device (they win over the tags the device declares)."""
     tags = parse_pairs(pairs, "tag")
+    for key in tags:  # before the broker is contacted
+        check_tag_key(key)
     with _backend(broker) as backend:
         info = ops.tag_device(FleetStore(), backend, device_id, tags)
     if output is OutputFormat.json:

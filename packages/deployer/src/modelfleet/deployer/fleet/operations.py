@@ -18,7 +18,7 @@ from typing import Any
 
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
-from modelfleet.deployer.fleet.query import parse_query
+from modelfleet.deployer.fleet.query import check_tag_key, parse_query
 from modelfleet.deployer.fleet.rollout import (
     RolloutEngine,
     RolloutSpec,
@@ -84,9 +84,11 @@ def get_device(store: FleetStore, backend: FleetBackend, device_id: str) -> Devi
 
 def tag_device(store: FleetStore, backend: FleetBackend, device_id: str, tags: Mapping[str, str]) -> DeviceInfo:
     """Set central tags (an empty value removes the tag); they win over the device's own."""
-    get_device(store, backend, device_id)
     if not tags:
         raise FleetError("no tags given", hint="write e.g. `modelfleet fleet tag DEVICE site=plant-1 hw=rpi4`")
+    for key in tags:
+        check_tag_key(key)
+    get_device(store, backend, device_id)
     store.set_tags(device_id, {k: (v if v != "" else None) for k, v in tags.items()})
     return get_device(store, backend, device_id)
 

@@ -254,6 +254,19 @@ class _Parser:
         return lambda doc: _compare(op.text, _lookup(doc, path), value)
 
 
+_TAG_KEY = re.compile(r"[A-Za-z0-9_$][A-Za-z0-9_$-]*")  # a path segment of `_TOKEN`'s names
+
+
+def check_tag_key(key: str) -> str:
+    """A tag key a target condition can name as `tags.<key>` (one name: no dots, no spaces)."""
+    if not _TAG_KEY.fullmatch(key):
+        raise QueryError(
+            f"tag key {key!r} could not be used in a target condition",
+            hint="use letters, digits, '_' or '-' (not first), no dots or spaces",
+        )
+    return key
+
+
 @dataclass(frozen=True)
 class TargetQuery:
     """A parsed target condition; `matches(document)` evaluates it."""
