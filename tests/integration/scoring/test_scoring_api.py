@@ -29,6 +29,11 @@ def test_raw_mode_script_gets_the_request_and_returns_a_full_response(start_serv
         assert r.headers["content-type"] == "application/octet-stream"
         g = c.get("/score")
         assert g.status_code == 200 and g.json() == {"hint": "POST an image"}
+        # a header built from the query string cannot smuggle a second header in
+        split = c.post("/score?scale=1%0d%0aSet-Cookie:%20evil=1", content=b"abc")
+        assert split.status_code == 500
+        assert "set-cookie" not in split.headers
+        assert split.json()["error"] == "run() returned an invalid response header 'X-Scale': '1\\r\\nSet-Cookie: evil=1'"
         empty = c.post("/score", content=b"")
         assert empty.status_code == 400 and empty.text == "empty body"
         doc = c.get("/swagger.json").json()

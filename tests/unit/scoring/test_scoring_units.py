@@ -120,3 +120,15 @@ def test_model_folder_and_entry_script_errors_name_the_problem(tmp_path: Path) -
     )
     assert host.active is None
     assert host.metrics.load_failures == 6
+
+
+def test_raw_responses_that_cannot_go_on_the_wire_are_named() -> None:
+    from modelfleet.scoring.runtimes.base import RawResponse
+    from modelfleet.scoring.server import _raw_response_problem
+
+    assert _raw_response_problem(RawResponse(201, b"", [("X-Ok", "yes")])) is None
+    assert _raw_response_problem(RawResponse(1000, b"")) == "an invalid HTTP status 1000"
+    assert _raw_response_problem(RawResponse(200, b"", [("Bad Name", "x")])) == "an invalid response header 'Bad Name': 'x'"
+    assert _raw_response_problem(RawResponse(200, b"", [("X-Name", "Zoë ☃")])) == (
+        "a response header that is not Latin-1 text: 'X-Name'"
+    )

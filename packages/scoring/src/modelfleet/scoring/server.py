@@ -49,6 +49,20 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def _raw_response_problem(response: RawResponse) -> str | None:
+    """Why a raw-mode response cannot go on the wire as it is (None: it can)."""
+    if not 100 <= response.status <= 599:
+        return f"an invalid HTTP status {response.status}"
+    for name, value in response.headers:
+        if not name or any(c in name for c in ":\r\n\0 ") or any(c in value for c in "\r\n\0"):
+            return f"an invalid response header {name!r}: {value[:100]!r}"
+        try:
+            (name + value).encode("latin-1")
+        except UnicodeEncodeError:
+            return f"a response header that is not Latin-1 text: {name!r}"
+    return None
+
+
 def _timed(fn: Any, arg: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     result = fn(arg)
@@ -328,6 +342,12 @@ class ScoringServer:
     ) -> bytes:
         extra = [("x-model-version", model.version)]
         if type(result) is RawResponse:
+            problem = _raw_response_problem(result)
+            if problem is not None:
+                # e.g. a script copying a query parameter (%0d%0a decodes to CRLF) into a header
+                return self._finish_score(
+                    req, rid, started, 500, {"error": f"run() returned {problem}", "request_id": rid}
+                )
             headers = extra + [
                 (k, v) for k, v in result.headers if k.lower() not in {"content-length", "content-type", "connection"}
             ]
