@@ -82,6 +82,25 @@ def test_unknown_rollout(run) -> None:  # type: ignore[no-untyped-def]
         assert "modelfleet fleet rollout list" in out
 
 
+def test_resume_while_a_controller_drives_names_it(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("dev-1")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend)
+    engine.create(RolloutSpec("r", v2))
+    with engine.lease("r"):
+        code, out = run("rollout", "resume", "r")
+    assert code != 0
+    assert f"rollout 'r' is already driven by another process (pid {os.getpid()})" in out
+
+
 def test_tag_needs_key_value(run) -> None:  # type: ignore[no-untyped-def]
     code, out = run("tag", "dev-1", "site")
     assert code != 0

@@ -335,7 +335,10 @@ def rollout_resume(
     store = FleetStore()
     r = store.get(name)
     url = ops.broker_url(broker, r)
-    RolloutEngine(store, _NoBackend()).resume(name)
+    engine = RolloutEngine(store, _NoBackend())
+    with engine.lease(name):  # a live controller: say so, rather than start one that exits at once
+        pass
+    engine.resume(name)
     with _backend(url) as backend:
         _drive_or_detach(store, backend, name, wait, url, output)
 
