@@ -123,21 +123,25 @@ def ceiling(model: Path, row: list[float], seconds: float) -> dict[str, float]:
 def start(cmd: list[str], env: dict[str, str], port: int, ready_path: str, pin: str | None) -> tuple[subprocess.Popen[bytes], float]:
     if pin:
         cmd = ["taskset", "-c", pin, *cmd]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}{ready_path}"
-    deadline = t0 + 60
-    with httpx.Client(timeout=1) as client:
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            try:
-                if client.get(url).status_code == 200:
-                    return proc, time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.002)
-    proc.kill()
+    # stderr to a file, not a pipe nobody reads: a server logging per request would fill it and stall
+    with tempfile.TemporaryFile() as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        url = f"http://127.0.0.1:{port}{ready_path}"
+        deadline = t0 + 60
+        with httpx.Client(timeout=1) as client:
+            while time.perf_counter() < deadline:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{cmd[0]} exited: {log.read().decode(errors='replace')[-2000:]}")
+                try:
+                    if client.get(url).status_code == 200:
+                        return proc, time.perf_counter() - t0
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.002)
+        proc.kill()
+        proc.wait(5)
     raise RuntimeError(f"{cmd} not ready after 60 s")
 
 
@@ -211,10 +215,18 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
 
+    work = Path(tempfile.mkdtemp(prefix="mf-bench-"))
+    try:
+        run(args, work)
+    finally:  # also when a server fails to start or wrk fails
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Build the model and score.py in `work`, measure every server, print the table."""
     sys.path.insert(0, str(ROOT / "packages" / "deployer" / "src"))
     from modelfleet.deployer.samples import digits_rows, make_digits_onnx
 
-    work = Path(tempfile.mkdtemp(prefix="mf-bench-"))
     model_dir = work / "model"
     model = make_digits_onnx(model_dir / "model.onnx")
     (work / "score.py").write_text(SCORE_PY)
@@ -281,7 +293,6 @@ def main() -> None:
         print(f"\nno-code vs azmlinfsrv: {ratios}")
     if args.json:
         args.json.write_text(json.dumps({"ceiling": ceil, "results": results}, indent=2, default=str))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
