@@ -370,3 +370,24 @@ def test_a_full_disk_is_named_and_stores_nothing(fleet: tuple[RolloutEngine, Mem
         engine.create(RolloutSpec("r", ref(2)))
     assert engine.store.all() == []
     assert backend.published[-1][1] == ref(1, SHA1)  # nothing was sent to a device
+
+
+def test_rollback_is_refused_while_another_rollout_holds_its_devices(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("old", ref(2), target="tags.site = 'a'"))
+    engine.step("old")
+    apply_all(backend, engine, "old")
+    assert engine.step("old").state == "succeeded"
+    engine.create(RolloutSpec("new", ref(3, "3" * 64), target="*", soak_s=3600))
+    engine.step("new")
+    with pytest.raises(
+        RolloutConflictError,
+        match=r"rollout 'old' cannot be rolled back while rollout 'new' \(running\): device 'dev-00' \(and 7 more devices\)",
+    ):
+        engine.rollback("old")
+    assert engine.store.get("old").state == "succeeded"
+    assert all(d.desired == ref(3, "3" * 64) for d in backend.devices())  # the running rollout's, untouched
+    engine.abort("new")
+    assert engine.rollback("old").state == "rolled_back"

@@ -40,6 +40,7 @@ from modelfleet.deployer.fleet.store import (
     FleetError,
     FleetStore,
     Rollout,
+    RolloutConflictError,
     RolloutDevice,
 )
 
@@ -216,6 +217,12 @@ class RolloutEngine:
         r = self.store.get(name)
         if r.state == "rolled_back":
             raise FleetError(f"rollout {name!r} is already rolled back")
+        if not r.active and (clash := self.store.clash(name)):
+            # putting those devices back would pull them out from under the other rollout
+            raise RolloutConflictError(
+                f"rollout {name!r} cannot be rolled back while {clash}",
+                hint="wait for that rollout to finish, or abort it first",
+            )
         was = r.state
         if was in ACTIVE_STATES:
             # stop a live controller (it re-reads the state before each step) ...

@@ -166,6 +166,23 @@ def _row_device(row: sqlite3.Row) -> RolloutDevice:
     )
 
 
+def _first_clash(conn: sqlite3.Connection, devices_sql: str, args: Sequence[Any]) -> str | None:
+    """'rollout NAME (STATE): device ID (and N more devices) is already in it' for the devices
+    `devices_sql` selects that an active rollout holds; None when there are none."""
+    row = conn.execute(
+        "SELECT d.device_id, r.name, r.state, COUNT(*) OVER () AS n "
+        f"FROM ({devices_sql}) w JOIN fleet_rollout_devices d ON d.device_id = w.device_id "
+        "JOIN fleet_rollouts r ON r.name = d.rollout "
+        f"WHERE r.state IN ({','.join('?' * len(ACTIVE_STATES))}) "
+        "ORDER BY d.device_id LIMIT 1",
+        (*args, *ACTIVE_STATES),
+    ).fetchone()
+    if row is None:
+        return None
+    more = f" (and {row['n'] - 1} more devices)" if row["n"] > 1 else ""
+    return f"rollout {row['name']!r} ({row['state']}): device {row['device_id']!r}{more} is already in it"
+
+
 class FleetStore:
     """Fleet tables in the registry database."""
 
@@ -230,21 +247,10 @@ class FleetStore:
                 )
             conn.execute("CREATE TEMP TABLE wanted (device_id TEXT PRIMARY KEY)")
             conn.executemany("INSERT INTO wanted VALUES (?)", ((d,) for d in device_ids))
-            clash = conn.execute(
-                "SELECT d.device_id, r.name, r.state, COUNT(*) OVER () AS n "
-                "FROM wanted w JOIN fleet_rollout_devices d ON d.device_id = w.device_id "
-                "JOIN fleet_rollouts r ON r.name = d.rollout "
-                f"WHERE r.state IN ({','.join('?' * len(ACTIVE_STATES))}) "
-                "ORDER BY d.device_id LIMIT 1",
-                ACTIVE_STATES,
-            ).fetchone()
+            clash = _first_clash(conn, "SELECT device_id FROM wanted", ())
             conn.execute("DROP TABLE wanted")
             if clash:
-                more = f" (and {clash['n'] - 1} more devices)" if clash["n"] > 1 else ""
-                raise RolloutConflictError(
-                    f"rollout {rollout.name!r} conflicts with rollout {clash['name']!r} ({clash['state']}): "
-                    f"device {clash['device_id']!r}{more} is already in it"
-                )
+                raise RolloutConflictError(f"rollout {rollout.name!r} conflicts with {clash}")
             conn.execute(
                 "INSERT INTO fleet_rollouts (name, model, target, stages, max_failure, soak_s, timeout_s, "
                 "max_error_rate, max_p99_ms, backend, state, stage, phase, stage_log, created_at, updated_at) "
@@ -332,6 +338,16 @@ class FleetStore:
         with self._connect() as conn:
             rows = conn.execute(sql + " ORDER BY position", args).fetchall()
         return [_row_device(r) for r in rows]
+
+    def clash(self, name: str) -> str | None:
+        """Whether another active rollout holds a device this one touched (issued to), and which."""
+        with self._connect() as conn:
+            return _first_clash(
+                conn,
+                "SELECT device_id FROM fleet_rollout_devices "
+                "WHERE rollout = ? AND state NOT IN ('waiting', 'rolled_back')",
+                (name,),
+            )
 
     def holder(self, device_id: str) -> Rollout | None:
         """The active (running or paused) rollout that holds a device, if any."""
