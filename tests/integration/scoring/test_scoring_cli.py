@@ -53,6 +53,21 @@ def test_startup_failure_exits_nonzero_with_the_reason(tmp_path) -> None:  # typ
     assert "no .onnx or .tflite file in" in empty.stderr
 
 
+def test_bad_keys_file_with_several_workers_is_one_line_before_forking(tmp_path, digits_onnx) -> None:  # type: ignore[no-untyped-def]
+    keys = tmp_path / "keys.json"
+    keys.write_text("nope")
+    run = subprocess.run(
+        [sys.executable, "-m", "modelfleet.scoring", "serve", "--model-dir", str(digits_onnx.parent), "--port", "0",
+         "--workers", "2", "--keys-file", str(keys)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        f'error: keys_file (--keys-file / MODELFLEET_KEYS_FILE): {keys} is not JSON; '
+        'expected {"primary": "...", "secondary": "..."}'
+    )
+
+
 def test_live_but_not_ready_until_init_finishes(serve_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import time
 

@@ -11,6 +11,7 @@ import sys
 import threading
 from contextlib import suppress
 
+from .auth import KeyRing
 from .errors import ModelLoadError
 from .footprint import trim_heap
 from .host import ModelHost, ModelSpec
@@ -37,6 +38,11 @@ def serve(settings: ServerSettings) -> int:
         # not before a fork: OpenBLAS and onnxruntime threads do not survive one
         _preimport(settings)
         return _run_worker(settings, None)
+    # read the keys files here, so that a bad one is one ConfigError line from the CLI
+    # rather than N workers exiting 1 without a word
+    KeyRing(settings.keys_file)
+    if settings.admin_key_file is not None:
+        KeyRing(settings.admin_key_file, single_token=True)
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
@@ -50,6 +56,8 @@ def serve(settings: ServerSettings) -> int:
             code = 1
             try:
                 code = _run_worker(settings, sock)
+            except BaseException:  # os._exit below would swallow the traceback
+                log.exception("event=worker_failed")
             finally:
                 os._exit(code)
         children.append(pid)
