@@ -55,6 +55,7 @@ def test_bad_broker_url(run) -> None:  # type: ignore[no-untyped-def]
         (["--stages", "10,5,100"], "--stages: 5 does not increase on 10"),
         (["--stages", "10,50"], "--stages: the last stage must be 100"),
         (["--max-failure", "lots"], "--max-failure: 'lots' is not a percentage"),
+        (["--max-failure", "5"], "hint: write e.g. 5% or 0.05 (a bare number is a fraction)"),
         (["--soak", "2 weeks"], "--soak: '2 weeks' is not a duration"),
         (["--timeout", "-1"], "--timeout: '-1' is not a duration"),
         (["--target", "tags.hw IN ['a'"], "invalid target condition at position 16: expected ',' or ']'"),

@@ -13,6 +13,7 @@ import typer
 from modelfleet.deployer.cli._common import (
     OutputFormat,
     OutputOption,
+    _cell,
     emit_fields,
     emit_json,
     emit_table,
@@ -283,7 +284,7 @@ def rollout_status(
         while view["state"] == "running":
             now = (view["stage"], view["phase"], [s["states"] for s in view["stages"]])
             if now != shown and output is OutputFormat.table:
-                typer.echo(f"stage {view['stage']} ({view['phase']}): " + "; ".join(f"{s['stage']}: {s['states']}" for s in view["stages"]))
+                typer.echo(f"stage {view['stage']} ({view['phase']}): " + "; ".join(f"{s['stage']}: {_cell(s['states'])}" for s in view["stages"]))
                 shown = now
             time.sleep(0.5)
             view = engine.status(name)

@@ -70,7 +70,7 @@ def parse_ratio(text: str, what: str) -> float:
     except ValueError:
         raise FleetError(f"{what}: {text!r} is not a percentage", hint="write e.g. 5% or 0.05") from None
     if not 0.0 <= value <= 1.0:
-        raise FleetError(f"{what}: {text!r} must be between 0% and 100%")
+        raise FleetError(f"{what}: {text!r} must be between 0% and 100%", hint="write e.g. 5% or 0.05 (a bare number is a fraction)")
     return value
 
 
