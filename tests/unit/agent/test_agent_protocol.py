@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -155,3 +156,31 @@ def test_id_of_an_undecodable_command(payload: bytes, cid: str) -> None:
 def test_a_number_field_refuses_every_non_number(value: str) -> None:
     with pytest.raises(ProtocolError, match="presence: 'ts' must be a number"):
         Presence.decode(f'{{"protocol": 1, "device_id": "d", "online": true, "ts": {value}}}')
+
+
+def _desired_with(**fields: object) -> bytes:
+    model = {**REF.to_dict(), "format": "tar", **fields}
+    return json.dumps({"$version": 1, "model": model}).encode()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # the signature covers the artifact only: code from anywhere else on the device must not run
+        ({"entry_script": "/tmp/evil.py"}, r"'entry_script' must be a relative path inside the model folder, got '/tmp/evil.py'"),
+        ({"entry_script": "src/../../evil.py"}, r"'entry_script' must be a relative path inside the model folder"),
+        ({"entry_script": ""}, r"'entry_script' must be a relative path inside the model folder"),
+        ({"entry_script": 5}, r"'entry_script' must be a string"),
+        ({"filename": 5}, r"'filename' must be a string"),
+        ({"framework": None}, r"'framework' must be a string"),
+        ({"signature": 5}, r"'signature' must be a string"),
+        ({"key_id": ["k"]}, r"'key_id' must be a string"),
+    ],
+)
+def test_bad_model_ref_fields_are_named(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        DesiredState.decode(_desired_with(**fields))
+
+
+def test_an_entry_script_in_a_subfolder_is_accepted() -> None:
+    assert DesiredState.decode(_desired_with(entry_script="src/score.py")).model.entry_script == "src/score.py"

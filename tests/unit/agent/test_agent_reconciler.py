@@ -194,3 +194,33 @@ def test_reissued_desired_state_for_the_same_bytes_does_not_swap(
         task.cancel()
 
     asyncio.run(go())
+
+
+def test_entry_script_runs_only_from_the_verified_folder(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(digits_onnx, arcname="model.onnx")  # the signed artifact holds no score.py
+    ref = blob_server.add(buf.getvalue(), name="digits", version=1, format="tar", entry_script="score.py")
+    # a score.py where the agent happens to run: the scoring host would fall back to it
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    (workdir / "score.py").write_text("def init():\n    pass\n\n\ndef run(data):\n    return 'not from the artifact'\n")
+    monkeypatch.chdir(workdir)
+
+    async def go() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, ref))
+        await h.until(lambda: bool(h.reports) and h.reports[-1].status in ("applied", "failed"))
+        last = h.reports[-1]
+        assert last.status == "failed" and last.stage == "load", last
+        assert str(h.store.version_dir(ref) / "score.py") in (last.reason or "")
+        assert h.host.active is None
+        task.cancel()
+
+    run(go)

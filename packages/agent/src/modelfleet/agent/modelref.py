@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -26,7 +27,7 @@ class ModelVersionRef:
     `format` is "file" for a single model file (saved under `filename`) or
     "tar" for a folder, packed as an uncompressed tar by the registry.
     `signature` is base64 Ed25519 over the 32 raw bytes of the sha256 digest.
-    `entry_script` is a path inside the unpacked folder (None: no-code mode).
+    `entry_script` is a relative path inside the unpacked folder (None: no-code mode).
     """
 
     name: str
@@ -54,8 +55,21 @@ class ModelVersionRef:
             raise ModelRefError("model ref: 'format' must be 'file' or 'tar'")
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://", "file://")):
             raise ModelRefError("model ref: 'url' must be an http(s):// or file:// URL")
+        for name in ("filename", "framework"):
+            if not isinstance(getattr(self, name), str):
+                raise ModelRefError(f"model ref: {name!r} must be a string")
+        for name in ("signature", "key_id", "entry_script"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ModelRefError(f"model ref: {name!r} must be a string")
         if "/" in self.filename or self.filename in ("", ".", ".."):
             raise ModelRefError("model ref: 'filename' must be a plain file name")
+        if self.entry_script is not None:
+            # the signature covers the artifact, not this field: code from elsewhere on the device must not run
+            script = PurePosixPath(self.entry_script)
+            if not self.entry_script or script.is_absolute() or ".." in script.parts:
+                raise ModelRefError(
+                    f"model ref: 'entry_script' must be a relative path inside the model folder, got {self.entry_script!r}"
+                )
 
     @property
     def key(self) -> str:

@@ -279,9 +279,11 @@ class Reconciler:
 
     # --- helpers ------------------------------------------------------------------
     def _spec(self, ref: ModelVersionRef) -> ModelSpec:
+        model_dir = self.store.model_dir(ref)
         return ModelSpec(
-            model_dir=self.store.model_dir(ref),
-            entry_script=ref.entry_script,
+            model_dir=model_dir,
+            # inside the verified folder only: a relative name would also be looked up in the working directory
+            entry_script=model_dir / ref.entry_script if ref.entry_script else None,
             name=ref.name,
             version=str(ref.version),
         )
