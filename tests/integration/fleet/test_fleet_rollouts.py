@@ -173,6 +173,10 @@ def test_offline_device_is_pending_then_converges_after_reconnect(
     assert view["state"] == "succeeded", view["reason"]
     states = {d["device_id"]: (d["state"], d["reason"]) for d in view["devices"]}
     assert states[sleeper.device_id] == ("timeout", "offline, no report within 3s")
+    # by hand: its last report (applied, about v1) is not taken for an answer about v2
+    by_hand = fleet.cli("device", "set", sleeper.device_id, "--model", "digits:2", "--wait", "0.5s")
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert by_hand.stdout.strip() == f"{sleeper.device_id}: desired digits:2; pending (device offline)"
     sleeper.start()
     fleet.wait_device(sleeper.device_id, lambda d: d.online and d.active == "digits:2", "converged after reconnect")
     listing = fleet.cli_json("devices", "--where", "reported.model.version = 2")

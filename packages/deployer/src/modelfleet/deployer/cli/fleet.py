@@ -147,8 +147,11 @@ def device_set(
     if output is OutputFormat.json:
         emit_json(info.to_dict())
     else:
-        state = "applied" if info.active == ref.key else f"{info.status or 'no report yet'}"
-        typer.echo(f"{device_id}: desired {ref.key}; {state}")
+        # the last report may be about the previous desired state: judge it by our `$version`
+        outcome = info.outcome(info.desired_version) if info.desired_version is not None else "pending"
+        if outcome == "pending":
+            outcome = "pending (device offline)" if not info.online else "pending (no report on it yet)"
+        typer.echo(f"{device_id}: desired {ref.key}; {outcome}")
 
 
 # ---------------------------------------------------------------- rollouts
