@@ -29,7 +29,7 @@ def agent_version() -> str:
         return "0+unknown"
 
 
-def make_transport(config: AgentConfig) -> TwinTransport:
+def make_transport(config: AgentConfig, version: str) -> TwinTransport:
     from .transports.mqtt import MqttSettings, MqttTransport
 
     return MqttTransport(
@@ -43,7 +43,7 @@ def make_transport(config: AgentConfig) -> TwinTransport:
             keepalive_s=config.broker_keepalive_s,
             tls=config.broker_tls,
             ca_file=config.broker_ca_file,
-            agent_version=agent_version(),
+            agent_version=version,
             tags=dict(config.device_tags) or None,
         )
     )
@@ -55,7 +55,7 @@ class Agent:
     def __init__(self, config: AgentConfig, transport: TwinTransport | None = None) -> None:
         self.config = config
         self.version = agent_version()
-        self.transport = transport or make_transport(config)
+        self.transport = transport or make_transport(config, self.version)
         root = config.store_dir
         try:
             root.mkdir(parents=True, exist_ok=True)
