@@ -133,3 +133,23 @@ def test_a_service_that_cannot_be_stopped_is_kept_unless_forced(cli: Cli) -> Non
     forced = cli("service", "delete", "orphan", "--force")
     assert forced.exit_code == 0 and "deleted orphan" in forced.stdout
     assert registry.list_services() == []
+
+
+def test_download_refuses_a_file_as_folder_and_never_overwrites(
+    cli: Cli, digits_onnx: Path, tmp_path: Path
+) -> None:
+    cli("model", "register", "-n", "digits", "-p", str(digits_onnx))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    into_file = cli("model", "download", "digits:1", "--to", str(a_file))
+    assert into_file.exit_code == 1 and "Traceback" not in into_file.output
+    assert f"error: cannot write the model to {a_file}" in into_file.stderr
+    assert "hint: --to must be a folder you can write to" in into_file.stderr
+
+    existing = tmp_path / "out" / "model.onnx"
+    existing.parent.mkdir()
+    existing.write_text("someone else's model")
+    again = cli("model", "download", "digits:1", "--to", str(existing.parent))
+    assert again.exit_code == 1
+    assert f"error: {existing} already exists; nothing was written" in again.stderr
+    assert existing.read_text() == "someone else's model" and a_file.read_text() == "mine"

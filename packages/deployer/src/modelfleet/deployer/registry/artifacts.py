@@ -207,17 +207,31 @@ class BlobStore:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def export(self, sha256: str, fmt: ArtifactFormat, filename: str, dest: Path) -> Path:
-        """Copy the artifact to `dest` (a folder): the file, or the unpacked folder."""
-        dest.mkdir(parents=True, exist_ok=True)
+        """Copy the artifact to `dest` (a folder): the file, or the unpacked folder.
+
+        Refuses to write over anything already at the target, so a download
+        never loses a user's file.
+        """
         blob = self.path(sha256)
         if not blob.is_file():
             raise ArtifactError(f"blob {sha256[:12]} is missing from {self.blobs}")
-        if fmt == "file":
-            target = dest / filename
-            shutil.copyfile(blob, target)
-            return target
         target = dest / filename
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(blob, mode="r:") as tar:
-            tar.extractall(target, filter="data")
+        if target.exists() or target.is_symlink():
+            raise ArtifactError(
+                f"{target} already exists; nothing was written",
+                hint="pass --to an empty or new folder, or move the existing file away",
+            )
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            if fmt == "file":
+                shutil.copyfile(blob, target)
+                return target
+            target.mkdir()
+            with tarfile.open(blob, mode="r:") as tar:
+                tar.extractall(target, filter="data")
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot write the model to {dest}: {exc.strerror or exc}",
+                hint="--to must be a folder you can write to",
+            ) from exc
         return target
