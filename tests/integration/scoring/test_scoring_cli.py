@@ -68,6 +68,30 @@ def test_bad_keys_file_with_several_workers_is_one_line_before_forking(tmp_path,
     )
 
 
+def test_port_in_use_is_one_line_naming_the_address(tmp_path, digits_onnx) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            run = subprocess.run(
+                [sys.executable, "-m", "modelfleet.scoring", "serve", "--model-dir", str(digits_onnx.parent),
+                 "--host", "127.0.0.1", "--port", str(port), "--workers", workers],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert run.returncode == 2, run.stderr
+            assert run.stderr.strip() == (
+                f"error: port (--port / MODELFLEET_PORT): cannot listen on 127.0.0.1:{port}: Address already in use"
+            )
+    run = subprocess.run(
+        [sys.executable, "-m", "modelfleet.scoring", "serve", "--model-dir", str(digits_onnx.parent),
+         "--host", "no-such-host.invalid", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: host (--host / MODELFLEET_HOST): cannot listen on no-such-host.invalid:0: ")
+
+
 def test_live_but_not_ready_until_init_finishes(serve_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import time
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -12,10 +13,10 @@ import threading
 from contextlib import suppress
 
 from .auth import KeyRing
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .footprint import trim_heap
 from .host import ModelHost, ModelSpec
-from .server import ScoringServer
+from .server import ScoringServer, listen_socket
 from .settings import ServerSettings
 
 log = logging.getLogger("modelfleet.scoring")
@@ -34,20 +35,17 @@ def serve(settings: ServerSettings) -> int:
     if settings.model_dir is None:
         log.error("event=config_error field=model_dir reason=%r", "required (--model-dir or MODELFLEET_MODEL_DIR)")
         return 2
-    if settings.workers == 1:
-        # not before a fork: OpenBLAS and onnxruntime threads do not survive one
-        _preimport(settings)
-        return _run_worker(settings, None)
-    # read the keys files here, so that a bad one is one ConfigError line from the CLI
-    # rather than N workers exiting 1 without a word
+    # what settings alone can get wrong fails here, before any thread or fork: one
+    # ConfigError line from the CLI, not N silent workers nor an abort at exit while
+    # the pre-import thread is inside onnxruntime
     KeyRing(settings.keys_file)
     if settings.admin_key_file is not None:
         KeyRing(settings.admin_key_file, single_token=True)
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(2048)
-    sock.setblocking(False)
+    sock = _listen(settings)
+    if settings.workers == 1:
+        # not before a fork: OpenBLAS and onnxruntime threads do not survive one
+        _preimport(settings)
+        return _run_worker(settings, sock, shared=False)
     log.info("event=workers count=%d port=%d", settings.workers, sock.getsockname()[1])
     children: list[int] = []
     for _ in range(settings.workers):
@@ -55,7 +53,7 @@ def serve(settings: ServerSettings) -> int:
         if pid == 0:  # child: load the model after fork (onnxruntime threads do not survive fork)
             code = 1
             try:
-                code = _run_worker(settings, sock)
+                code = _run_worker(settings, sock, shared=True)
             except BaseException:  # os._exit below would swallow the traceback
                 log.exception("event=worker_failed")
             finally:
@@ -84,6 +82,17 @@ def serve(settings: ServerSettings) -> int:
             # one worker failing (e.g. the model does not load) stops the service
             forward(signal.SIGTERM, None)
     return worst
+
+
+def _listen(settings: ServerSettings) -> socket.socket:
+    """The listening socket, or a ConfigError naming the address (port taken, no such host)."""
+    try:
+        return listen_socket(settings.host, settings.port)
+    except OSError as exc:
+        field = "port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "host"
+        # create_server appends the address to strerror; a resolver error (gaierror) has errno < 0
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
+        raise ConfigError(field, f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
 
 
 async def _load_in_passing_thread(host: ModelHost, spec: ModelSpec) -> None:
@@ -134,17 +143,17 @@ def _preimport(settings: ServerSettings) -> None:
     threading.Thread(target=work, name="modelfleet-preimport", daemon=True).start()
 
 
-def _run_worker(settings: ServerSettings, sock: socket.socket | None) -> int:
+def _run_worker(settings: ServerSettings, sock: socket.socket, *, shared: bool) -> int:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # uvloop is optional (Windows); asyncio works, only slower
         pass
-    return asyncio.run(_main(settings, sock))
+    return asyncio.run(_main(settings, sock, shared))
 
 
-async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
+async def _main(settings: ServerSettings, sock: socket.socket, shared: bool) -> int:
     assert settings.model_dir is not None
     host = ModelHost(inline_threshold_ms=settings.inline_threshold_ms)
     server = ScoringServer(host, settings)
@@ -158,15 +167,15 @@ async def _main(settings: ServerSettings, sock: socket.socket | None) -> int:
     )
     # One process listens first, so liveness answers while init() runs. Workers
     # sharing a socket load first: a worker accepts connections only once ready.
-    if sock is None:
-        await server.start()
+    if not shared:
+        await server.start(sock)
     try:
         await _load_in_passing_thread(host, spec)
     except ModelLoadError as exc:
         log.error("event=startup_failed stage=%s reason=%r", exc.stage, exc.reason)
         await server.stop()
         return 1
-    if sock is not None:
+    if shared:
         await server.start(sock)
     trim_heap()  # memory freed while loading (model bytes, parse buffers) back to the OS
     log.info("event=ready port=%d model=%s version=%s", server.port, spec.name, spec.version)

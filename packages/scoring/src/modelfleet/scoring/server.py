@@ -49,6 +49,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket (OSError when the address is taken or invalid).
+
+    Bound here rather than by the event loop: uvloop would start libuv's resolver
+    thread pool (4 threads) just to parse a numeric address.
+    """
+    sock = socket.create_server(
+        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048
+    )
+    sock.setblocking(False)
+    return sock
+
+
 def _raw_response_problem(response: RawResponse) -> str | None:
     """Why a raw-mode response cannot go on the wire as it is (None: it can)."""
     if not 100 <= response.status <= 599:
@@ -118,14 +131,7 @@ class ScoringServer:
             )
 
         if sock is None:
-            # bound here rather than by the loop: uvloop would start libuv's resolver
-            # thread pool (4 threads) just to parse a numeric address
-            sock = socket.create_server(
-                (self.settings.host, self.settings.port),
-                family=socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET,
-                backlog=2048,
-            )
-            sock.setblocking(False)
+            sock = listen_socket(self.settings.host, self.settings.port)
         self._server = await loop.create_server(factory, sock=sock, backlog=2048)
         self._sweeper = loop.create_task(self._close_idle_connections())
         self.port = int(self._server.sockets[0].getsockname()[1])
