@@ -38,6 +38,11 @@ def test_azureml_aliases_are_honoured_and_modelfleet_names_win(tmp_path: Path) -
         ({"model_dir": "/no/such/dir"}, {}, "model_dir", "does not exist: /no/such/dir"),
         ({"keys_file": "/no/keys.json"}, {}, "keys_file", "file not found: /no/keys.json"),
         ({"log_level": "LOUD"}, {}, "log_level", "must be DEBUG, INFO, WARNING or ERROR"),
+        ({"max_concurrent_requests": "-1"}, {}, "max_concurrent_requests", "must be >= 0, got -1"),
+        ({}, {"MODELFLEET_MAX_QUEUED_REQUESTS": "-2"}, "max_queued_requests", "must be >= 0, got -2"),
+        ({"inline_threshold_ms": "fast"}, {}, "inline_threshold_ms", "--inline-threshold-ms must be a number, got 'fast'"),
+        ({"inline_threshold_ms": "-1"}, {}, "inline_threshold_ms", "must be >= 0, got -1.0"),
+        ({"keep_alive_s": "0"}, {}, "keep_alive_s", "must be positive, got 0.0"),
     ],
 )
 def test_bad_values_name_the_field(flags: dict[str, str], env: dict[str, str], field: str, message: str) -> None:
@@ -60,6 +65,11 @@ def test_config_file_errors(tmp_path: Path) -> None:
     assert str(info.value) == f"colour: unknown setting in {unknown}"
     with pytest.raises(ConfigError, match="file not found"):
         load_settings({}, config_file=tmp_path / "missing.toml", environ={})
+    boolean = tmp_path / "bool.toml"
+    boolean.write_text("[serve]\nworkers = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, config_file=boolean, environ={})
+    assert str(info.value) == f"workers: workers in {boolean} must be an integer, got True"
 
 
 def test_cli_reports_config_errors_in_one_line(

@@ -94,6 +94,8 @@ def env_name(name: str) -> str:
 def _convert(name: str, raw: Any, source: str) -> Any:
     kind = str(_FIELDS[name].type)
     try:
+        if isinstance(raw, bool) and ("int" in kind or "float" in kind):
+            raise TypeError  # TOML `workers = true` is not 1
         if "int" in kind and "Path" not in kind:
             value = int(raw)
             return value
