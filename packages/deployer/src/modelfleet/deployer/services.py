@@ -37,7 +37,7 @@ from modelfleet.deployer.targets.base import (
     ServiceSpec,
     ServiceStatus,
 )
-from modelfleet.deployer.targets.local import write_atomic
+from modelfleet.deployer.targets.service_files import write_atomic
 
 log = logging.getLogger(__name__)
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

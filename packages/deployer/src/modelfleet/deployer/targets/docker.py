@@ -12,11 +12,8 @@ is recorded so a recreated container starts on the new version.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import secrets
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +30,13 @@ from modelfleet.deployer.targets.base import (
     ServiceStatus,
     updated_record,
 )
+from modelfleet.deployer.targets.service_files import (
+    ADMIN_KEY_FILE,
+    check_entry_script,
+    free_port,
+    write_admin_key,
+    write_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ LABEL_SERVICE = "modelfleet.service"
 LABEL_TARGET = "modelfleet.target"
 LAST_LOG_LINES = 20
 READY_TIMEOUT_S = float(os.environ.get("MODELFLEET_DOCKER_READY_TIMEOUT", "120"))
-KEYS_FILE = Path("secrets") / "keys.json"  # relative to the service workdir
-ADMIN_KEY_FILE = Path("secrets") / "admin.key"
 
 
 class DockerTargetError(DeploymentError):
@@ -79,7 +81,7 @@ class DockerTarget:
         With `environment` (base image id, user requirements key), refuse before
         building anything when `spec` needs a different one.
         """
-        _check_entry_script(spec)
+        check_entry_script(spec, DockerTargetError)
         client = self.client
         base = images.resolve_base_image(client, spec.inference.base_image, progress)
         reqs = wheelhouse.user_requirements(
@@ -128,9 +130,9 @@ class DockerTarget:
                 f"delete the service first (modelfleet service delete {spec.name})"
             )
         tag, release, _built = self.build(spec, progress)
-        port = spec.deployment.port or _free_port()
-        keys_file = _ensure_keys(spec)
-        _ensure_admin_key(spec.workdir)
+        port = spec.deployment.port or free_port()
+        keys_file = write_keys(spec, spec.workdir)
+        write_admin_key(spec.workdir)
         progress(f"starting container {container_name} on 127.0.0.1:{port}")
         try:
             container = self._run(spec, tag, port, keys_file)
@@ -371,63 +373,6 @@ class DockerTarget:
 
 def _container_name(service: str) -> str:
     return f"modelfleet-{service}"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _check_entry_script(spec: ServiceSpec) -> None:
-    """Fail before any build when the entry script does not even compile."""
-    inf = spec.inference
-    if inf.entry_script is None:
-        return
-    script = (
-        (inf.source_directory / inf.entry_script)
-        if inf.source_directory
-        else Path(inf.entry_script)
-    )
-    if not script.is_file():
-        where = f" in source directory {inf.source_directory}" if inf.source_directory else ""
-        raise DockerTargetError(f"entry script {inf.entry_script} not found{where}")
-    try:
-        compile(script.read_bytes(), str(script), "exec")
-    except SyntaxError as exc:
-        raise DockerTargetError(
-            f"{inf.entry_script} line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()}"
-        ) from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _ensure_keys(spec: ServiceSpec) -> Path | None:
-    """The service's keys file (contract section 1), created unless the deployer wrote one."""
-    if not spec.deployment.auth_enabled:
-        return None
-    path = spec.workdir / KEYS_FILE
-    if not path.is_file():
-        keys = {
-            "primary": spec.deployment.primary_key or secrets.token_urlsafe(32),
-            "secondary": spec.deployment.secondary_key or secrets.token_urlsafe(32),
-        }
-        _write_atomic(path, json.dumps(keys))
-    return path
-
-
-def _ensure_admin_key(workdir: Path) -> str:
-    path = workdir / ADMIN_KEY_FILE
-    if not path.is_file():
-        _write_atomic(path, secrets.token_urlsafe(32) + "\n")
-    return path.read_text().strip()
 
 
 def _runtime_of(client: Any, image: str) -> dict[str, str]:

@@ -10,9 +10,7 @@ and warms beside the running version, and traffic moves only once it is ready.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -33,9 +31,13 @@ from modelfleet.deployer.targets.base import (
     ServiceStatus,
     updated_record,
 )
+from modelfleet.deployer.targets.service_files import (
+    check_entry_script,
+    free_port,
+    write_admin_key,
+    write_keys,
+)
 
-KEYS_FILE = Path("secrets") / "keys.json"  # relative to the workdir, as the docker target
-ADMIN_KEY_FILE = Path("secrets") / "admin.key"
 LOG_FILE = "server.log"
 LAST_LOG_LINES = 20
 STOP_TIMEOUT_S = 10.0
@@ -52,35 +54,6 @@ class LocalTargetError(DeploymentError):
 # ---------------------------------------------------------------- helpers
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Temp file + fsync + rename: the server never reads a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def check_entry_script(spec: ServiceSpec) -> None:
-    """Fail before starting anything when the entry script does not compile."""
-    inf = spec.inference
-    if inf.entry_script is None:
-        return
-    script = (inf.source_directory or Path.cwd()) / inf.entry_script
-    if not script.is_file():
-        raise LocalTargetError(f"entry script {script} not found")
-    try:
-        compile(script.read_bytes(), str(script), "exec")
-    except SyntaxError as exc:
-        raise LocalTargetError(
-            f"{inf.entry_script} line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()}",
-            hint="fix the entry script and deploy again",
-        ) from exc
-
-
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # As the server binds: connections of a previous server on this port may
@@ -92,12 +65,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tail(path: Path, n: int = LAST_LOG_LINES) -> tuple[str, ...]:
@@ -182,7 +149,7 @@ class LocalTarget:
     def deploy(self, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
         if not spec.models:
             raise LocalTargetError("a service needs at least one model")
-        check_entry_script(spec)
+        check_entry_script(spec, LocalTargetError)
         port = spec.deployment.port
         if port is not None and not _port_free(port):
             raise LocalTargetError(
@@ -190,16 +157,15 @@ class LocalTarget:
                 hint="choose another port (--port or 'port' in deploymentconfig.json), "
                 "or leave it out to pick a free one",
             )
-        port = port or _free_port()
+        port = port or free_port()
         if spec.deployment.replicas > 1 or spec.deployment.autoscale_enabled:
             # One process, so that an update's load request reaches the only copy
             # serving traffic; replicas belong to the docker/kubernetes targets.
             progress("the local target runs one server process; numReplicas/autoScaler ignored")
         workdir = spec.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        keys_file = self._write_keys(spec, workdir)
-        admin_file = workdir / ADMIN_KEY_FILE
-        write_atomic(admin_file, secrets.token_urlsafe(32) + "\n")
+        keys_file = write_keys(spec, workdir)
+        admin_file = write_admin_key(workdir)
         model_dir = model_dir_for(spec.models, workdir)
         entry = _entry_script_path(spec)
         first = spec.models[0]
@@ -261,18 +227,6 @@ class LocalTarget:
         )
 
     @staticmethod
-    def _write_keys(spec: ServiceSpec, workdir: Path) -> Path | None:
-        if not spec.deployment.auth_enabled:
-            return None
-        path = workdir / KEYS_FILE
-        keys = {
-            "primary": spec.deployment.primary_key or secrets.token_urlsafe(32),
-            "secondary": spec.deployment.secondary_key or secrets.token_urlsafe(32),
-        }
-        write_atomic(path, json.dumps(keys))
-        return path
-
-    @staticmethod
     def _wait_ready(
         proc: subprocess.Popen[bytes], port: int, log_path: Path, progress: Progress
     ) -> None:
@@ -309,7 +263,7 @@ class LocalTarget:
                 f"service {record.name} is not running, so it cannot be updated in place",
                 hint=f"delete it and deploy again (modelfleet service delete {record.name})",
             )
-        check_entry_script(spec)
+        check_entry_script(spec, LocalTargetError)
         workdir = Path(data["workdir"])
         model_dir = model_dir_for(spec.models, workdir)
         entry = _entry_script_path(spec)
