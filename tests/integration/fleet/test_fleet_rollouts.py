@@ -226,3 +226,21 @@ def test_conflicting_rollout_is_refused_and_tags_target_devices(
     assert detail["document"]["reported"]["model"]["version"] == 1
     missing = fleet.cli("device", "show", "no-such-device")
     assert missing.returncode != 0 and "no device 'no-such-device' has been seen" in missing.stderr
+
+
+def test_offline_devices_keep_their_declared_tags_for_targeting(fleet: Fleet) -> None:
+    agents = fleet.start_agents(3, prefix="tagged", tags={"site": "plant-9"})
+    for a in agents:
+        fleet.wait_device(a.device_id, lambda d: d.online, "online")
+    agents[0].terminate()  # clean stop: the agent publishes its own offline presence
+    agents[1].kill()  # vanished: the broker publishes the last will
+    for a in agents[:2]:
+        fleet.wait_device(a.device_id, lambda d: not d.online, "offline")
+
+    # a fresh CLI process sees only the retained presence of the offline devices
+    listing = fleet.cli_json("devices", "--where", "tags.site = 'plant-9'")
+    by_id = {d["device_id"]: d for d in listing}
+    assert sorted(by_id) == sorted(a.device_id for a in agents)
+    for a in agents[:2]:
+        assert by_id[a.device_id]["online"] is False
+        assert by_id[a.device_id]["tags"] == {"site": "plant-9"}

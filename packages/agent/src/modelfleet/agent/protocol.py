@@ -310,7 +310,7 @@ class Presence:
     ts: float = 0.0
     agent_version: str = ""
     clean: bool = False
-    #: tags the device declares for fleet targeting (birth message only), e.g. {"site": "plant-1"}
+    #: tags the device declares for fleet targeting (in every presence message), e.g. {"site": "plant-1"}
     tags: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

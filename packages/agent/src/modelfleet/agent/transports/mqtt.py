@@ -87,7 +87,11 @@ class MqttTransport:
         if s.tls or s.ca_file is not None:
             client.tls_set(ca_certs=str(s.ca_file) if s.ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         # the broker publishes this for us when the link dies without a DISCONNECT
-        will = Presence(s.device_id, online=False, agent_version=s.agent_version).encode()
+        # tags ride along so a fleet controller that only sees this retained message still
+        # knows how to target the (offline) device
+        will = Presence(
+            s.device_id, online=False, agent_version=s.agent_version, tags=s.tags
+        ).encode()
         client.will_set(self.topics.presence, will, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)
         client.max_inflight_messages_set(100)
@@ -128,7 +132,7 @@ class MqttTransport:
         if self._connected:
             bye = Presence(
                 self.settings.device_id, online=False, ts=time.time(),
-                agent_version=self.settings.agent_version, clean=True,
+                agent_version=self.settings.agent_version, clean=True, tags=self.settings.tags,
             ).encode()
             await self._publish(self.topics.presence, bye, retain=True, timeout=2.0)
         self._client.disconnect()

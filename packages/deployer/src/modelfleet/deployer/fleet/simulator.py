@@ -141,7 +141,7 @@ class SimulatedDevice:
         self.connected = asyncio.Event()
         self._last_reported: bytes | None = None
         self.client = _LoopClient(client_id=device_id, clean_session=True, protocol=mqtt.MQTTv311)
-        will = Presence(device_id, online=False).encode()
+        will = Presence(device_id, online=False, tags=self.tags).encode()
         self.client.will_set(self.topics.presence, will, qos=1, retain=True)
         self.client.max_inflight_messages_set(0)
         self.client.on_connect = self._on_connect
@@ -198,7 +198,9 @@ class SimulatedDevice:
 
     def disconnect(self, clean: bool = True) -> None:
         if clean:
-            bye = Presence(self.device_id, online=False, ts=time.time(), clean=True).encode()
+            bye = Presence(
+                self.device_id, online=False, ts=time.time(), clean=True, tags=self.tags
+            ).encode()
             self.client.publish(self.topics.presence, bye, qos=1, retain=True)
             self.client.disconnect()
         else:
