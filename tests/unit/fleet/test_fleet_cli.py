@@ -165,3 +165,20 @@ def test_detached_controller_gets_the_broker_password_outside_its_command_line(
     [(args, env)] = started
     assert not any("s3cret" in a for a in args)
     assert env["MODELFLEET_MQTT_URL"] == "mqtt://ctl:s3cret@127.0.0.1:1883"
+
+
+@pytest.mark.parametrize("script", ["/etc/evil.py", "../outside.py"])
+def test_entry_script_outside_the_model_folder_is_one_clear_error(tmp_path: Path, script: str) -> None:
+    from modelfleet.deployer.fleet.operations import resolve_model
+    from modelfleet.deployer.fleet.store import FleetError
+    from modelfleet.deployer.registry import Registry
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "score.py").write_text("def init():\n    pass\n\ndef run(data):\n    return data\n")
+    home = tmp_path / "home"
+    Registry(home).register("scripted", folder)
+    with pytest.raises(FleetError) as err:
+        resolve_model("scripted:1", "http://127.0.0.1:9", home, entry_script=script)
+    assert f"--entry-script {script!r}" in str(err.value)
+    assert "relative to the registered model folder" in (err.value.hint or "")

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from modelfleet.agent.modelref import ModelVersionRef
+from modelfleet.agent.modelref import ModelRefError, ModelVersionRef
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
 from modelfleet.deployer.fleet.query import check_tag_key, parse_query
 from modelfleet.deployer.fleet.rollout import (
@@ -141,7 +141,13 @@ def resolve_model(
                 f"--entry-script needs a folder model; {ref.key} is a single {ref.framework} file",
                 hint="register the folder holding the script and the model files",
             )
-        ref = replace(ref, entry_script=entry_script)
+        try:
+            ref = replace(ref, entry_script=entry_script)
+        except ModelRefError as exc:  # e.g. an absolute or ../ path: devices would refuse it
+            raise FleetError(
+                f"--entry-script {entry_script!r}: {exc}",
+                hint="give the script's path relative to the registered model folder",
+            ) from exc
     return ref
 
 
