@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,7 +62,8 @@ def test_simulated_warmup_failure_halts_the_canary_stage(simulated: MqttFleetBac
     engine.create(RolloutSpec("sim-3", ref(3), target="*", stages=(5, 100), max_failure=0.5))
     r = engine.drive("sim-3")
     assert r.state == "failed"
-    assert "stage 1: 3 of 3 devices failed" in (r.reason or "")
+    # the stage halts as soon as failures pass the 50 % budget: after the 2nd or the 3rd report
+    assert re.search(r"stage 1: [23] of 3 devices failed", r.reason or ""), r.reason
     assert "warmup: simulated warm-up failure of version 3" in (r.reason or "")
     assert all(d.active != "sim:3" for d in simulated.devices())
 
