@@ -199,3 +199,19 @@ def test_same_bytes_under_two_file_names_each_get_their_own_model_folder(
     reg.delete_model("a", 1)
     reg.delete_model("b", 1)
     assert list((home / "unpacked").iterdir()) == []
+
+
+def test_a_tampered_blob_is_never_unpacked_for_a_service_and_re_register_repairs_it(
+    home: Path, digits_onnx: Path
+) -> None:
+    reg = Registry()
+    model = reg.register("digits", digits_onnx).model
+    blob = reg.blobs.path(model.sha256)
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes() + b"tampered")
+    with pytest.raises(ArtifactError, match=r"blob [0-9a-f]{12} at .* is corrupt") as info:
+        reg.binding(model)
+    assert "register the original model file again" in info.value.hint
+    assert not (home / "unpacked").exists() or list((home / "unpacked").iterdir()) == []
+    assert reg.register("digits", digits_onnx).created is False  # same version, blob rewritten
+    assert reg.binding(model).path.read_bytes() == digits_onnx.read_bytes()

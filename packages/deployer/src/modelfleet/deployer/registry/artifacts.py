@@ -166,7 +166,10 @@ class BlobStore:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)
         if digest.hexdigest() != sha256:
-            raise ArtifactError(f"blob {sha256[:12]} is corrupt (digest mismatch)")
+            raise ArtifactError(
+                f"blob {sha256[:12]} at {path} is corrupt (its bytes no longer match the digest)",
+                hint="register the original model file again: identical bytes repair the blob",
+            )
 
     def materialise(self, sha256: str, fmt: ArtifactFormat, filename: str) -> Path:
         """A read-only folder holding the artifact as users registered it.
@@ -180,9 +183,9 @@ class BlobStore:
         result = folder / filename if fmt == "file" else folder
         if folder.is_dir():
             return result
+        # Once per artifact (the folder is reused): never deploy bytes that changed on disk.
+        self.verify(sha256)
         blob = self.path(sha256)
-        if not blob.is_file():
-            raise ArtifactError(f"blob {sha256[:12]} is missing from {self.blobs}")
         self.unpacked.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=self.unpacked))
         try:
