@@ -153,3 +153,17 @@ def test_download_refuses_a_file_as_folder_and_never_overwrites(
     assert again.exit_code == 1
     assert f"error: {existing} already exists; nothing was written" in again.stderr
     assert existing.read_text() == "someone else's model" and a_file.read_text() == "mine"
+
+
+def test_a_registry_db_that_is_not_a_database_is_named_and_left_untouched(
+    cli: Cli, home: Path
+) -> None:
+    home.mkdir(parents=True)
+    db = home / "registry.db"
+    db.write_bytes(b"these are not the pages you are looking for" * 100)
+    before = db.read_bytes()
+    out = cli("model", "list")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert f"error: registry database {db} is unreadable: file is not a database" in out.stderr
+    assert "hint: restore it from a backup, or move it away" in out.stderr
+    assert db.read_bytes() == before

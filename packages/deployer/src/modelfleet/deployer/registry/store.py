@@ -185,7 +185,7 @@ class Registry:
             self.home.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise RegistryError(
                 f"cannot open the registry at {self.home}: {exc}",
                 hint="set MODELFLEET_HOME to a writable folder",
@@ -198,7 +198,10 @@ class Registry:
         try:
             conn = sqlitedb.connect(self.db_path)
         except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}") from exc
+            raise RegistryError(
+                f"cannot open the registry database {self.db_path}: {exc}",
+                hint="set MODELFLEET_HOME to a writable folder",
+            ) from exc
         try:
             sqlitedb.set_pragmas(conn, synchronous="FULL")
             yield conn
@@ -207,6 +210,13 @@ class Registry:
             raise RegistryError(
                 f"registry database {self.db_path}: {exc}",
                 hint="another modelfleet command may hold it; retry, or check disk space",
+            ) from exc
+        except sqlite3.DatabaseError as exc:
+            # "file is not a database", a corrupt page: retrying cannot help
+            raise RegistryError(
+                f"registry database {self.db_path} is unreadable: {exc}",
+                hint=f"restore it from a backup, or move it away to start an empty registry "
+                f"(model bytes stay in {self.blobs.blobs})",
             ) from exc
         finally:
             conn.close()
