@@ -167,3 +167,33 @@ def test_a_registry_db_that_is_not_a_database_is_named_and_left_untouched(
     assert f"error: registry database {db} is unreadable: file is not a database" in out.stderr
     assert "hint: restore it from a backup, or move it away" in out.stderr
     assert db.read_bytes() == before
+
+
+def test_regen_key_refuses_a_weak_or_duplicate_value_and_keeps_the_keys(
+    cli: Cli, home: Path
+) -> None:
+    from modelfleet.deployer.registry import Registry
+    from modelfleet.deployer.targets.base import ServiceRecord
+
+    keys_file = home / "services" / "keyed" / "secrets" / "keys.json"
+    keys_file.parent.mkdir(parents=True)
+    keys = {"primary": "primary-key-1", "secondary": "secondary-key-1"}
+    keys_file.write_text(json.dumps(keys))
+    registry = Registry()
+    registry.reserve_service("keyed", "local", {})
+    registry.save_service(
+        ServiceRecord("keyed", "local", "healthy", target_data={"keys_file": str(keys_file)})
+    )
+    spaced = cli("service", "regen-key", "keyed", "--key", "primary", "--value", "has a space")
+    assert spaced.exit_code == 2
+    assert "error: --value: expected a key of at least 8 characters without spaces" in spaced.stderr
+    same = cli("service", "regen-key", "keyed", "--key", "primary", "--value", "secondary-key-1")
+    assert same.exit_code == 2
+    assert "error: --value is the secondary key; the two keys must differ" in same.stderr
+    assert json.loads(keys_file.read_text()) == keys
+    chosen = cli("service", "regen-key", "keyed", "-k", "secondary", "--value", "new-secret-2")
+    assert chosen.exit_code == 0, chosen.output
+    assert json.loads(keys_file.read_text()) == {**keys, "secondary": "new-secret-2"}
+
+    negative = cli("service", "logs", "keyed", "--tail", "-1")
+    assert negative.exit_code == 2 and "greater than or equal to 0" in negative.output

@@ -63,7 +63,8 @@ def _positive_number(where: str, value: Any) -> float:
     return float(value)
 
 
-def _key(where: str, value: Any) -> str:
+def check_key(where: str, value: Any) -> str:
+    """A service key as configs and `service regen-key --value` accept it."""
     text = _str(where, value)
     if len(text) < 8 or any(c.isspace() for c in text):
         raise _fail(where, "a key of at least 8 characters without spaces", value)
@@ -153,8 +154,8 @@ _DEPLOYMENT_SCHEMA: Schema = {
     "containerResourceRequirements": _RESOURCES_SCHEMA,
     "authEnabled": _bool,
     "tokenAuthEnabled": _must_be_false("token auth is not supported; use key auth (authEnabled)"),
-    "primaryKey": _key,
-    "secondaryKey": _key,
+    "primaryKey": check_key,
+    "secondaryKey": check_key,
     "scoringTimeoutMs": _int(1),
     "maxConcurrentRequestsPerContainer": _int(1),
     "maxQueueWaitMs": _ignored,

@@ -22,11 +22,12 @@ from typing import Any, Literal
 import httpx
 
 from modelfleet.deployer.config import (
+    check_key,
     deployment_from_jsonable,
     inference_from_jsonable,
     to_jsonable,
 )
-from modelfleet.deployer.errors import DeployerError, ServiceCallError
+from modelfleet.deployer.errors import ConfigError, DeployerError, ServiceCallError
 from modelfleet.deployer.registry import Registry
 from modelfleet.deployer.targets import get_target
 from modelfleet.deployer.targets.base import (
@@ -218,6 +219,11 @@ class ServiceManager:
             )
         record = self.registry.get_service(name)
         keys = self.keys(name)
+        if value is not None:
+            value = check_key("--value", value)
+            other = "secondary" if which == "primary" else "primary"
+            if value == keys[other]:
+                raise ConfigError(f"--value is the {other} key; the two keys must differ")
         keys[which] = value or secrets.token_urlsafe(32)
         # Atomic rename: the server re-reads the file on its next mtime check.
         write_atomic(self._keys_file(record), json.dumps(keys))

@@ -82,7 +82,7 @@ def show(service: str = typer.Argument(...), output: OutputFormat = OutputOption
 def logs(
     service: str = typer.Argument(...),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines"),
-    tail: int = typer.Option(0, "--tail", help="only the last N lines (0: all)"),
+    tail: int = typer.Option(0, "--tail", min=0, help="only the last N lines (0: all)"),
     output: OutputFormat = typer.Option(
         OutputFormat.table, "--output", "-o", help="table: raw lines; json: one JSON object a line"
     ),
