@@ -93,3 +93,18 @@ def test_a_taken_port_is_a_clear_error(served: tuple[ArtifactServer, ModelVersio
     server, _ = served
     with pytest.raises(DeployerError, match=f"cannot listen on 127.0.0.1:{server.port}"):
         ArtifactServer(server.registry, port=server.port).start()
+
+
+def test_an_unreadable_database_is_a_503_naming_it_and_artifacts_still_serve(
+    served: tuple[ArtifactServer, ModelVersion], digits_onnx: Path
+) -> None:
+    server, model = served
+    db = server.registry.db_path
+    for stale in db.parent.glob("registry.db-*"):  # WAL files would outlive the damage
+        stale.unlink()
+    db.write_bytes(b"not a database" * 512)
+    answer = httpx.get(f"{server.url}/v1/models/digits/1", headers=AUTH)
+    assert answer.status_code == 503
+    assert "is unreadable: file is not a database" in answer.json()["error"]
+    blob = httpx.get(f"{server.url}/v1/artifacts/{model.sha256}", headers=AUTH)
+    assert blob.status_code == 200 and blob.content == digits_onnx.read_bytes()

@@ -110,6 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ModelNotFoundError as exc:
             self._send_json(HTTPStatus.NOT_FOUND, {"error": str(exc)}, head)
             return
+        except DeployerError as exc:  # the database is locked or unreadable: say so, keep serving
+            log.warning("artifact-server model lookup failed reason=%r", str(exc))
+            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}, head)
+            return
         ref = self.server.registry.model_ref(model, self.server.public_url)
         self._send_json(HTTPStatus.OK, ref.to_dict(), head)
 
