@@ -42,6 +42,7 @@ def test_register_list_show_download_delete(cli: Cli, digits_onnx: Path, tmp_pat
 
     deleted = cli("model", "delete", "digits:1")
     assert deleted.exit_code == 0 and "deleted digits:1" in deleted.stdout
+    assert deleted.stderr == ""  # the result once, on stdout
     assert json.loads(cli("model", "list", "-o", "json").stdout) == []
 
 

@@ -13,7 +13,6 @@ from modelfleet.deployer.cli._common import (
     emit_json,
     emit_table,
     parse_pairs,
-    progress,
     registry,
 )
 from modelfleet.deployer.registry import parse_model_id
@@ -120,5 +119,4 @@ def delete(
     if output is OutputFormat.json:
         emit_json({"deleted": deleted.key})
     else:
-        progress(f"deleted {deleted.key}")
         typer.echo(f"deleted {deleted.key}")
