@@ -37,16 +37,13 @@ from modelfleet.deployer.targets.base import (
     ServiceRecord,
     ServiceSpec,
     ServiceStatus,
+    no_progress,
 )
 from modelfleet.deployer.targets.service_files import write_atomic
 
 log = logging.getLogger(__name__)
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 KeyName = Literal["primary", "secondary"]
-
-
-def _quiet(_line: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,7 @@ class ServiceManager:
         inference: InferenceConfig,
         deployment: DeploymentConfig,
         target: str = "local",
-        progress: Progress = _quiet,
+        progress: Progress = no_progress,
     ) -> ServiceRecord:
         validate_service_name(name)
         if not model_ids:
@@ -107,7 +104,7 @@ class ServiceManager:
             log.info("event=deploy_failed service=%s target=%s reason=%r", name, target, str(exc))
             if record is not None:  # running but not recorded (e.g. Ctrl-C): stop it
                 try:
-                    impl.delete(record, _quiet)
+                    impl.delete(record, no_progress)
                 except Exception as cleanup_exc:
                     log.warning("event=deploy_cleanup_failed service=%s reason=%r",
                                 name, str(cleanup_exc))
@@ -122,7 +119,7 @@ class ServiceManager:
         name: str,
         model_ids: Sequence[str],
         inference: InferenceConfig | None = None,
-        progress: Progress = _quiet,
+        progress: Progress = no_progress,
     ) -> ServiceRecord:
         record = self.registry.get_service(name)
         if record.state in ("creating", "deleting"):
@@ -148,7 +145,7 @@ class ServiceManager:
         log.info("event=updated service=%s models=%s", name, updated.models)
         return updated
 
-    def delete(self, name: str, progress: Progress = _quiet, *, force: bool = False) -> ServiceRecord:
+    def delete(self, name: str, progress: Progress = no_progress, *, force: bool = False) -> ServiceRecord:
         """Stop the service and forget it; `force` forgets it even if stopping fails."""
         record = self.registry.get_service(name)
         self.registry.set_service_state(name, "deleting")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -12,6 +11,7 @@ import typer
 
 from modelfleet.deployer.errors import DeployerError
 from modelfleet.deployer.registry import Registry
+from modelfleet.deployer.targets.base import no_progress
 
 
 class OutputFormat(StrEnum):
@@ -29,12 +29,8 @@ def progress(line: str) -> None:
     typer.echo(f"-> {line}", err=True)
 
 
-def quiet(_line: str) -> None:
-    pass
-
-
 def progress_for(output: OutputFormat) -> Any:
-    return progress if output is OutputFormat.table else quiet
+    return progress if output is OutputFormat.table else no_progress
 
 
 def registry() -> Registry:
@@ -81,7 +77,3 @@ def parse_pairs(values: Sequence[str] | None, option: str) -> dict[str, str]:
             raise DeployerError(f"{option} {item!r} is not KEY=VALUE", hint=f"write {option} k=v")
         out[key] = value
     return out
-
-
-def stdout_is_tty() -> bool:
-    return sys.stdout.isatty()

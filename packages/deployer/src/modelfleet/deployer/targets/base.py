@@ -17,6 +17,10 @@ Progress = Callable[[str], None]
 """Receives one human-readable line per step of a long operation."""
 
 
+def no_progress(_line: str) -> None:
+    """A `Progress` that shows nothing (scripts, `--output json`, cleanup paths)."""
+
+
 @dataclass(frozen=True)
 class ModelBinding:
     """One registered model version a service serves, as stored in the registry."""
