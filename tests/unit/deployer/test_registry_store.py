@@ -215,3 +215,19 @@ def test_a_tampered_blob_is_never_unpacked_for_a_service_and_re_register_repairs
     assert not (home / "unpacked").exists() or list((home / "unpacked").iterdir()) == []
     assert reg.register("digits", digits_onnx).created is False  # same version, blob rewritten
     assert reg.binding(model).path.read_bytes() == digits_onnx.read_bytes()
+
+
+def test_a_folder_with_a_symlink_is_refused_instead_of_losing_the_linked_file(
+    home: Path, tmp_path: Path
+) -> None:
+    real = tmp_path / "weights.onnx"
+    real.write_bytes(b"weights")
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "labels.txt").write_text("a\nb\n")
+    (folder / "model.onnx").symlink_to(real)
+    reg = Registry()
+    with pytest.raises(ArtifactError, match=r"contains a symlink \(model\.onnx\)") as info:
+        reg.register("bundle", folder)
+    assert "cp -rL" in info.value.hint
+    assert reg.list_models() == []

@@ -104,7 +104,17 @@ class BlobStore:
                 f"model path {source} does not exist", hint="check the --path/-p argument"
             )
         if source.is_dir():
-            if not any(p.is_file() for p in source.rglob("*")):
+            entries = list(source.rglob("*"))
+            link = next((p for p in entries if p.is_symlink()), None)
+            if link is not None:
+                # The tar holds real files only; a skipped link would be a model file lost.
+                raise ArtifactError(
+                    f"model folder {source} contains a symlink ({link.relative_to(source)}); "
+                    "only real files are stored",
+                    hint=f"copy the folder with links resolved (cp -rL {source} COPY) "
+                    "and register the copy",
+                )
+            if not any(p.is_file() for p in entries):
                 raise ArtifactError(f"model folder {source} contains no files")
             fmt: ArtifactFormat = "tar"
         elif source.is_file():
