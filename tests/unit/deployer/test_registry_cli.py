@@ -198,3 +198,21 @@ def test_regen_key_refuses_a_weak_or_duplicate_value_and_keeps_the_keys(
 
     negative = cli("service", "logs", "keyed", "--tail", "-1")
     assert negative.exit_code == 2 and "greater than or equal to 0" in negative.output
+
+
+def test_a_keys_file_without_both_keys_is_named_not_a_traceback(cli: Cli, home: Path) -> None:
+    from modelfleet.deployer.registry import Registry
+    from modelfleet.deployer.targets.base import ServiceRecord
+
+    keys_file = home / "services" / "halfkeyed" / "secrets" / "keys.json"
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(json.dumps({"primary": "primary-key-1"}))
+    registry = Registry()
+    registry.reserve_service("halfkeyed", "local", {})
+    registry.save_service(
+        ServiceRecord("halfkeyed", "local", "healthy", target_data={"keys_file": str(keys_file)})
+    )
+    out = cli("service", "keys", "halfkeyed")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert f"error: the keys file of halfkeyed ({keys_file}) has no secondary key" in out.stderr
+    assert keys_file.read_text() == json.dumps({"primary": "primary-key-1"})

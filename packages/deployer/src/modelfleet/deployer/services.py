@@ -204,10 +204,20 @@ class ServiceManager:
     def keys(self, name: str) -> dict[str, str]:
         path = self._keys_file(self.registry.get_service(name))
         try:
-            data: dict[str, str] = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise DeployerError(f"cannot read the keys of {name}: {exc}") from exc
-        return {"primary": data["primary"], "secondary": data["secondary"]}
+        keys: dict[str, str] = {}
+        for which in ("primary", "secondary"):
+            value = data.get(which) if isinstance(data, dict) else None
+            if not isinstance(value, str) or not value:
+                raise DeployerError(
+                    f"the keys file of {name} ({path}) has no {which} key",
+                    hint='rewrite it as {"primary": "...", "secondary": "..."}, '
+                    "or deploy the service again",
+                )
+            keys[which] = value
+        return keys
 
     def regen_key(self, name: str, which: KeyName, value: str | None = None) -> dict[str, str]:
         if which not in ("primary", "secondary"):
