@@ -105,7 +105,8 @@ class Controller:
                 response = CommandResponse.decode(msg.payload)
                 self.responses[response.id] = response
 
-    def desire(self, device: str, ref: ModelVersionRef, version: int | None = None) -> int:
+    def desire(self, device: str, ref: ModelVersionRef | None, version: int | None = None) -> int:
+        """Publish a desired state (`ref` None: serve no model); its `$version`."""
         self.desired_version = version if version is not None else self.desired_version + 1
         payload = DesiredState(self.desired_version, ref).encode()
         self.publish_raw(f"modelfleet/v1/{device}/desired", payload, retain=True)

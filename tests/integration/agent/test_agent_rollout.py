@@ -220,3 +220,28 @@ def test_disk_reserve_refusal_is_reported_and_v1_keeps_serving(
     assert report.stage == "download"
     assert "not enough disk space for digits:2" in (report.reason or "")
     assert serving_version(agent.scoring_port) == "1"
+
+
+def test_desired_no_model_unloads_then_the_model_comes_back(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    agent = agents("dev-none", mosquitto.port)
+    controller.wait_reported("dev-none", controller.desire("dev-none", v1), "applied")
+    port = agent.scoring_port
+    assert serving_version(port) == "1"
+
+    off = controller.desire("dev-none", None)
+    report = controller.wait_reported("dev-none", off, "applied")
+    assert report.active is None and report.applied_version == off
+    assert report.previous is not None and (report.previous.name, report.previous.version) == ("digits", 1)
+    r = score(port)
+    assert r.status_code == 503 and "no model loaded" in r.json()["error"]
+    assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 503
+
+    on = controller.desire("dev-none", v1)
+    report = controller.wait_reported("dev-none", on, "applied")
+    assert report.active is not None and report.active.version == 1
+    assert serving_version(port) == "1"
+    assert agent.terminate() == 0

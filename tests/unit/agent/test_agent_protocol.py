@@ -50,6 +50,19 @@ def test_desired_round_trip() -> None:
     assert back.version == 3 and back.model == REF
 
 
+def test_desired_state_with_no_model_round_trips_as_null() -> None:
+    d = DesiredState(version=4, model=None)
+    assert json.loads(d.encode())["model"] is None
+    back = DesiredState.decode(d.encode())
+    assert back.version == 4 and back.model is None
+
+
+def test_desired_state_documents_from_before_no_model_decode_as_before() -> None:
+    old = {"protocol": 1, "$version": 3, "issued_at": 12.5, "model": REF.to_dict()}
+    assert DesiredState.decode(json.dumps(old)) == DesiredState(3, REF, issued_at=12.5)
+    assert DesiredState(3, REF, issued_at=12.5).to_dict() == old
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [

@@ -224,3 +224,60 @@ def test_entry_script_runs_only_from_the_verified_folder(
         task.cancel()
 
     run(go)
+
+
+def test_desired_no_model_unloads_keeps_previous_and_rollback_brings_it_back(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path
+) -> None:
+    v1 = onnx_ref(blob_server, digits_onnx, 1)
+
+    async def unload() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        await h.apply(1, v1)
+        h.reconciler.drain_swap_events()
+        h.reconciler.on_desired(DesiredState(2, None))
+        await h.until(lambda: h.reported(2, "applied"))
+        last = h.reports[-1]
+        assert last.active is None and last.previous is not None and last.previous.version == 1
+        assert last.applied_version == 2
+        assert h.host.active is None and not h.host.ready
+        assert [(e["from"], e["to"], e["ok"]) for e in h.reconciler.drain_swap_events()] == [
+            ("digits:1", None, True)
+        ]
+        assert h.store.is_installed(v1)  # kept on disk for a rollback
+        task.cancel()
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is None  # `previous` is for a rollback, not a fallback
+        assert h.reconciler.state.active is None and h.reconciler.state.previous == v1
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(2, None))  # the retained state again: re-reported
+        await h.until(lambda: h.reported(2, "applied"))
+        report = await h.reconciler.rollback()
+        assert report.status == "failed" and report.stage == "rollback" and report.version == 2
+        assert "from nothing to digits:1" in (report.reason or "")
+        assert h.host.active is not None and h.host.active.version == "1"
+        assert h.reconciler.state.active == v1 and h.reconciler.state.previous is None
+        task.cancel()
+
+    run(unload)
+    run(restarted)
+
+
+def test_desired_no_model_on_a_device_serving_nothing_is_applied_at_once(
+    tmp_path: Path, blob_server: BlobServer
+) -> None:
+    async def go() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        h.reconciler.on_desired(DesiredState(1, None))
+        await h.until(lambda: h.reported(1, "applied"))
+        assert [r.status for r in h.reports] == ["applied"]
+        assert h.reports[-1].active is None and h.reports[-1].previous is None
+        assert h.reconciler.drain_swap_events() == []
+        task.cancel()
+
+    run(go)

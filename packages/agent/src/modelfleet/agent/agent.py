@@ -96,9 +96,7 @@ class Agent:
             max_bytes=config.telemetry_queue_max_bytes,
             max_records=config.telemetry_queue_max_records,
         )
-        self.collector = TelemetryCollector(
-            config.device_id, self.host.metrics.snapshot, self.reconciler.drain_swap_events
-        )
+        self.collector = TelemetryCollector(config.device_id, self._metrics, self.reconciler.drain_swap_events)
         self._drain_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -152,6 +150,13 @@ class Agent:
         await self.server.stop()
         self.host.unload()
         log.info("event=agent_stopped device=%s", self.config.device_id)
+
+    def _metrics(self) -> dict[str, Any]:
+        snap = self.host.metrics.snapshot()
+        if self.host.active is None:
+            # the host's metrics keep the last version's name after an unload (`model: null`)
+            snap["model_name"] = snap["model_version"] = ""
+        return snap
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -151,17 +151,21 @@ def _ref(value: Any, what: str) -> ModelVersionRef:
 
 @dataclass(frozen=True)
 class DesiredState:
-    """What a device should run. Retained on `desired`; a higher `$version` supersedes a lower one."""
+    """What a device should run. Retained on `desired`; a higher `$version` supersedes a lower one.
+
+    `model` None (JSON null) means "serve no model": the device unloads what it serves
+    and keeps it as `previous` for a rollback.
+    """
 
     version: int
-    model: ModelVersionRef
+    model: ModelVersionRef | None
     issued_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "protocol": PROTOCOL_VERSION,
             "$version": self.version,
-            "model": self.model.to_dict(),
+            "model": self.model.to_dict() if self.model is not None else None,
             "issued_at": self.issued_at or time.time(),
         }
 
@@ -177,7 +181,10 @@ class DesiredState:
         issued = data.get("issued_at", 0.0)
         if not isinstance(issued, int | float) or isinstance(issued, bool):
             raise ProtocolError(f"{what}: 'issued_at' must be a number")
-        return cls(version=version, model=_ref(data["model"], what), issued_at=float(issued))
+        model = data["model"]
+        return cls(
+            version=version, model=_ref(model, what) if model is not None else None, issued_at=float(issued)
+        )
 
     @classmethod
     def decode(cls, payload: bytes | str) -> DesiredState:

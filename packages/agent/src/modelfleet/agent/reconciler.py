@@ -105,6 +105,9 @@ class Reconciler:
     # --- start-up -----------------------------------------------------------------
     async def restore(self) -> None:
         """Serve the last good version again (after a restart), falling back to the previous one."""
+        if self.state.active is None:
+            # nothing, or a desired state asked for no model: `previous` is only kept for a rollback
+            return
         for ref in (self.state.active, self.state.previous):
             if ref is None:
                 continue
@@ -130,7 +133,7 @@ class Reconciler:
             desired = self._desired
             if desired is None:
                 continue
-            if self.state.handled(desired.version, desired.model.sha256):
+            if self.state.handled(desired.version, _sha_of(desired.model)):
                 await self._report_handled(desired)
                 continue
             await self._apply_with_retries(desired)
@@ -177,6 +180,9 @@ class Reconciler:
 
     async def _apply(self, desired: DesiredState, attempt: int) -> None:
         ref = desired.model
+        if ref is None:
+            await self._unload(desired)
+            return
         active = self.state.active
         if active is not None and _same_model(active, ref) and self.host.active is not None:
             self.state.active = ref  # e.g. a new artifact URL for the same bytes
@@ -192,6 +198,15 @@ class Reconciler:
         await self._load(ref)
         await self._finish(desired, ref, swapped=True)
 
+    async def _unload(self, desired: DesiredState) -> None:
+        """Serve no model (a desired state with `model: null`); what served becomes `previous`."""
+        before = self.host.active
+        if before is not None or self.state.active is not None:
+            started = time.time()
+            self.host.unload()  # readiness turns false; requests in flight finish on the old version
+            self._swap_event(before, None, ok=True, ts=started)
+        await self._finish(desired, None, swapped=self.state.active is not None)
+
     async def _load(self, ref: ModelVersionRef) -> None:
         before = self.host.active
         started = time.time()
@@ -202,23 +217,23 @@ class Reconciler:
             raise ApplyError(exc.stage, exc.reason) from None
         self._swap_event(before, ref, ok=True, ts=started)
 
-    async def _finish(self, desired: DesiredState, ref: ModelVersionRef, *, swapped: bool) -> None:
+    async def _finish(self, desired: DesiredState, ref: ModelVersionRef | None, *, swapped: bool) -> None:
         if swapped and self.state.active != ref:
             self.state.previous = self.state.active
             self.state.active = ref
         self.state.applied_version = desired.version
-        self.state.mark_handled(desired.version, ref.sha256)
+        self.state.mark_handled(desired.version, _sha_of(ref))
         self.state.failure = None
         self.state_file.save(self.state)
         self._prune()
         if swapped:
             trim_heap()  # the old version and the download buffers are freed by now
-        log.info("event=applied version=%d model=%s", desired.version, ref.key)
+        log.info("event=applied version=%d model=%s", desired.version, ref.key if ref else "none")
         await self._report("applied", desired.version)
 
     async def _refuse(self, desired: DesiredState, stage: str, reason: str) -> None:
         log.warning("event=apply_failed version=%d stage=%s reason=%r", desired.version, stage, reason)
-        self.state.mark_handled(desired.version, desired.model.sha256)
+        self.state.mark_handled(desired.version, _sha_of(desired.model))
         self.state.failure = Failure(desired.version, stage, reason)
         self.state_file.save(self.state)
         self._prune()
@@ -226,7 +241,7 @@ class Reconciler:
 
     def _prune(self) -> None:
         keep = {r.sha256 for r in (self.state.active, self.state.previous) if r is not None}
-        if self._desired is not None:
+        if self._desired is not None and self._desired.model is not None:
             keep.add(self._desired.model.sha256)  # its partial download, for a resume
         self.store.prune(keep)
 
@@ -248,7 +263,7 @@ class Reconciler:
             version = desired.version if desired else self.state.handled_version
             reason = f"rolled back from {current.key if current else 'nothing'} to {previous.key} by command"
             if version is not None:
-                self.state.mark_handled(version, desired.model.sha256 if desired else self.state.handled_sha256)
+                self.state.mark_handled(version, _sha_of(desired.model) if desired else self.state.handled_sha256)
                 self.state.failure = Failure(version, "rollback", reason)
             self.state_file.save(self.state)
             return await self._report("failed", version, stage="rollback", reason=reason)
@@ -289,13 +304,13 @@ class Reconciler:
         )
 
     def _swap_event(
-        self, before: Any, ref: ModelVersionRef, *, ok: bool, ts: float,
+        self, before: Any, ref: ModelVersionRef | None, *, ok: bool, ts: float,
         stage: str | None = None, reason: str | None = None,
     ) -> None:
         event: dict[str, Any] = {
             "ts": ts,
             "from": f"{before.name}:{before.version}" if before is not None else None,
-            "to": ref.key,
+            "to": ref.key if ref is not None else None,
             "ok": ok,
         }
         if stage is not None:
@@ -327,6 +342,10 @@ class Reconciler:
         self.last_report = state
         await self._report_cb(state)
         return state
+
+
+def _sha_of(ref: ModelVersionRef | None) -> str | None:
+    return ref.sha256 if ref is not None else None
 
 
 def _same_model(a: ModelVersionRef, b: ModelVersionRef) -> bool:

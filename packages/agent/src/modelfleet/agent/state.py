@@ -43,7 +43,7 @@ class AgentState:
     handled_sha256: str | None = None
     failure: Failure | None = None
 
-    def handled(self, version: int, sha256: str) -> bool:
+    def handled(self, version: int, sha256: str | None) -> bool:
         return self.handled_version == version and self.handled_sha256 == sha256
 
     def mark_handled(self, version: int, sha256: str | None) -> None:
