@@ -181,6 +181,11 @@ def test_offline_device_is_pending_then_converges_after_reconnect(
     fleet.wait_device(sleeper.device_id, lambda d: d.online and d.active == "digits:2", "converged after reconnect")
     listing = fleet.cli_json("devices", "--where", "reported.model.version = 2")
     assert len(listing) == 3
+    # the rollout's status looks the timed-out device up again: converged, late; the verdict stays
+    late = fleet.cli_json("rollout", "status", "v2")
+    states = {d["device_id"]: (d["state"], d["reason"]) for d in late["devices"]}
+    assert states[sleeper.device_id] == ("late", "applied after its stage timed out (offline, no report within 3s)")
+    assert late["stage_log"] == view["stage_log"]
 
 
 def test_conflicting_rollout_is_refused_and_tags_target_devices(

@@ -182,3 +182,26 @@ def test_entry_script_outside_the_model_folder_is_one_clear_error(tmp_path: Path
         resolve_model("scripted:1", "http://127.0.0.1:9", home, entry_script=script)
     assert f"--entry-script {script!r}" in str(err.value)
     assert "relative to the registered model folder" in (err.value.hint or "")
+
+
+def test_status_says_when_timed_out_devices_could_not_be_checked(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("dev-0")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    now = [1000.0]
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend, clock=lambda: now[0])
+    engine.create(RolloutSpec("r", v2, max_failure=1.0, timeout_s=5))
+    engine.step("r")
+    now[0] += 6
+    assert engine.step("r").state == "succeeded"
+
+    code, out = run("rollout", "status", "r")
+    assert code == 0
+    assert "warning: 1 timed-out device(s) not checked for a late report: cannot reach the MQTT broker" in out
+    row = next(line for line in out.splitlines() if line.startswith("dev-0"))
+    assert "timeout" in row

@@ -391,3 +391,98 @@ def test_rollback_is_refused_while_another_rollout_holds_its_devices(
     assert all(d.desired == ref(3, "3" * 64) for d in backend.devices())  # the running rollout's, untouched
     engine.abort("new")
     assert engine.rollback("old").state == "rolled_back"
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-controller", "killed-controller"])
+def test_paused_time_does_not_count_against_the_stage_timeout(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock], tmp_path: Path, restart: bool
+) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), max_failure=0.1, timeout_s=60))
+    engine.step("r")
+    offline = engine.store.devices("r", states=("pending",))[0].device_id
+    backend.set_online(offline, False)
+    for d in engine.store.devices("r", states=("pending",)):
+        if d.device_id != offline:
+            backend.report(d.device_id, "applied")
+    clock.now += 30
+    assert engine.step("r").state == "running"
+    engine.pause("r")
+    clock.now += 1000  # paused far past the timeout
+    assert engine.step("r").state == "paused"
+    if restart:  # the controller died while paused; a new one resumes from the database
+        engine = RolloutEngine(FleetStore(tmp_path), backend, clock=clock)
+    engine.resume("r")
+    r = engine.step("r")
+    assert r.state == "running"
+    assert [d.device_id for d in engine.store.devices("r", states=("pending",))] == [offline]
+    assert engine.status("r")["stage_elapsed_s"] == 30
+    clock.now += 29
+    assert engine.step("r").state == "running"
+    clock.now += 2
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert [d.device_id for d in engine.store.devices("r", states=("timeout",))] == [offline]
+
+
+def test_a_timed_out_device_that_applies_later_is_shown_as_late(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), max_failure=0.1, timeout_s=60))
+    engine.step("r")
+    offline = engine.store.devices("r", states=("pending",))[0].device_id
+    backend.set_online(offline, False)
+    for d in engine.store.devices("r", states=("pending",)):
+        if d.device_id != offline:
+            backend.report(d.device_id, "applied")
+    clock.now += 61
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    verdict = list(r.stage_log)
+    assert engine.converged_late("r") == []  # still not there
+    backend.set_online(offline, True)
+    backend.report(offline, "applied")
+    assert engine.converged_late("r") == [offline]
+    view = engine.status("r")
+    late = next(d for d in view["devices"] if d["device_id"] == offline)
+    assert late["state"] == "late"
+    assert late["reason"] == "applied after its stage timed out (offline, no report within 60s)"
+    assert view["stages"][0]["states"] == {"applied": 9, "late": 1}
+    assert view["stage_log"] == verdict  # the stage's verdict is not revisited
+    assert engine.converged_late("r") == []
+
+
+def test_a_device_that_applies_after_its_stage_timed_out_turns_late_while_the_rollout_goes_on(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(20, 100), max_failure=0.5, timeout_s=60))
+    engine.step("r")
+    slow, fast = (d.device_id for d in engine.store.devices("r", states=("pending",)))
+    backend.report(fast, "applied")
+    clock.now += 61
+    r = engine.step("r")
+    assert r.stage == 1 and [e["result"] for e in r.stage_log] == ["passed"]
+    engine.step("r")  # stage 2 issues
+    backend.report(slow, "applied")  # the canary that timed out in stage 1 gets there
+    engine.step("r")
+    assert engine.store.devices("r", stage=0, states=("late",))[0].device_id == slow
+    apply_all(backend, engine, "r")
+    assert engine.step("r").state == "succeeded"
+
+
+def test_a_device_now_serving_another_version_is_not_taken_for_late(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), max_failure=0.1, timeout_s=60))
+    engine.step("r")
+    slow = engine.store.devices("r", states=("pending",))[0].device_id
+    for d in engine.store.devices("r", states=("pending",))[1:]:
+        backend.report(d.device_id, "applied")
+    clock.now += 61
+    assert engine.step("r").state == "succeeded"
+    backend.set_desired({slow: ref(3, "3" * 64)})  # set by hand to something else meanwhile
+    backend.report(slow, "applied")
+    assert engine.converged_late("r") == []

@@ -19,6 +19,7 @@ from modelfleet.deployer.cli._common import (
     emit_table,
     parse_pairs,
 )
+from modelfleet.deployer.errors import DeployerError
 from modelfleet.deployer.fleet import operations as ops
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
 from modelfleet.deployer.fleet.query import check_tag_key, parse_query
@@ -180,7 +181,7 @@ def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
         ],
         ["stage", "percent", "devices", "states", "result", "seconds"],
     )
-    notable = [d for d in view["devices"] if d["state"] in ("failed", "timeout", "rolled_back")]
+    notable = [d for d in view["devices"] if d["state"] in ("failed", "timeout", "late", "rolled_back")]
     if notable:
         typer.echo("")
         emit_table(notable[:20], ["device_id", "stage", "state", "previous", "reason"])
@@ -276,9 +277,13 @@ def rollout_create(
 def rollout_status(
     name: str = typer.Argument(..., metavar="NAME"),
     watch: bool = typer.Option(False, "--watch", help="refresh until the rollout stops"),
+    broker: str = BrokerOption,
     output: OutputFormat = OutputOption,
 ) -> None:
-    """Progress per stage, the reason of a halt, devices that failed or were rolled back."""
+    """Progress per stage, the reason of a halt, devices that failed or were rolled back.
+
+    Devices that timed out are looked up on the broker: one that has applied the version
+    since is shown as `late` (converged after its stage's timeout)."""
     store = FleetStore()
     engine = RolloutEngine(store, _NoBackend())
     view = engine.status(name)
@@ -291,6 +296,15 @@ def rollout_status(
                 shown = now
             time.sleep(0.5)
             view = engine.status(name)
+    timed_out = sum(1 for d in view["devices"] if d["state"] == "timeout")
+    if timed_out:
+        try:
+            with _backend(broker, store.get(name)) as backend:
+                ops.check_late(store, backend, name)
+            view = engine.status(name)
+        except DeployerError as exc:
+            # the stored view is still worth showing; say what could not be checked
+            typer.echo(f"warning: {timed_out} timed-out device(s) not checked for a late report: {exc}", err=True)
     _render_status(view, output)
 
 
@@ -302,7 +316,7 @@ def rollout_list(output: OutputFormat = OutputOption) -> None:
     for r in store.all():
         counts = store.counts(r.name)
         total = sum(sum(c.values()) for c in counts.values())
-        applied = sum(c.get("applied", 0) for c in counts.values())
+        applied = sum(c.get("applied", 0) + c.get("late", 0) for c in counts.values())
         rows.append(
             {
                 "name": r.name,

@@ -155,6 +155,11 @@ def create_rollout(store: FleetStore, backend: FleetBackend, spec: RolloutSpec) 
     return RolloutEngine(store, backend).create(spec)
 
 
+def check_late(store: FleetStore, backend: FleetBackend, name: str) -> list[str]:
+    """Mark the rollout's timed-out devices that have applied its version since as `late`."""
+    return RolloutEngine(store, backend).converged_late(name)
+
+
 def drive(
     store: FleetStore,
     backend: FleetBackend,

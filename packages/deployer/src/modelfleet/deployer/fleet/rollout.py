@@ -115,6 +115,7 @@ class _StageCache:
     stage: int
     cursor: int
     pending: dict[str, int]  # device -> the desired `$version` it was sent
+    timed_out: dict[str, tuple[int | None, str | None]]  # device -> ($version, reason) of its timeout
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class RolloutEngine:
         self.backend = backend
         self.clock = clock
         self._cache: dict[str, _StageCache] = {}
+        self._ticks: dict[str, float] = {}  # rollout -> the clock at this engine's previous step
 
     # -------------------------------------------------------------- create
 
@@ -303,10 +305,23 @@ class RolloutEngine:
         r = self.store.get(name)
         if r.state != "running":
             self._cache.pop(name, None)
+            self._ticks.pop(name, None)
             return r
         now = self.clock()
+        # the stage's clocks advance only while a controller watches: the time since this
+        # engine's previous step. A paused rollout or a dead controller adds nothing, and a
+        # resumed one (a fresh engine, or a step after a pause) starts counting again from here
+        last = self._ticks.get(name)
+        self._ticks[name] = now
+        delta = max(0.0, now - last) if last is not None else 0.0
         if r.stage_started_at is None:
             r.stage_started_at = now
+            r.stage_elapsed_s = r.soak_elapsed_s = 0.0
+            self.store.save(r)
+        elif delta:
+            r.stage_elapsed_s += delta
+            if r.phase == "soaking":
+                r.soak_elapsed_s += delta
             self.store.save(r)
         # the stage's pending devices are cached while this engine drives it, and only the
         # devices the backend saw change are looked at: a step costs O(changes), not O(fleet)
@@ -315,13 +330,20 @@ class RolloutEngine:
         if cache is None or cache.stage != r.stage:
             cursor, _ = self.backend.changed(None)
             moving = self.store.moving(name, r.stage)
-            cache = _StageCache(r.stage, cursor, {d: v for d, st, v in moving if st == "pending" and v is not None})
+            cache = _StageCache(
+                r.stage,
+                cursor,
+                {d: v for d, st, v in moving if st == "pending" and v is not None},
+                self.store.timed_out(name),
+            )
             self._cache[name] = cache
             to_issue = [(d, st) for d, st, _ in moving if st in ("waiting", "issuing")]
             candidates = list(cache.pending)
+            late_candidates = list(cache.timed_out)
         else:
             cache.cursor, dirty = self.backend.changed(cache.cursor)
             candidates = [d for d in dict.fromkeys(dirty) if d in cache.pending]
+            late_candidates = [d for d in dict.fromkeys(dirty) if d in cache.timed_out]
 
         # 1. issue desired states (the rows are written first: a crash re-issues, never loses one)
         if to_issue:
@@ -345,7 +367,7 @@ class RolloutEngine:
                 where = f"{info.stage}: " if info.stage else ""
                 changes.append((dev, "failed", version, f"{where}{info.reason or 'failed'}"))
                 del cache.pending[dev]
-        if now - r.stage_started_at >= r.timeout_s:
+        if r.stage_elapsed_s >= r.timeout_s:
             for dev, version in cache.pending.items():
                 info = self.backend.device(dev)
                 reason = (
@@ -354,7 +376,13 @@ class RolloutEngine:
                     else f"did not apply within {r.timeout_s:g}s"
                 )
                 changes.append((dev, "timeout", version, reason))
+                cache.timed_out[dev] = (version, reason)
             cache.pending.clear()
+        # a device counted as timed out (this stage or an earlier one) that applied since
+        changes.extend(self._late(r, {d: cache.timed_out[d] for d in late_candidates if d in cache.timed_out}))
+        for dev, state, _, _ in changes:
+            if state == "late":
+                cache.timed_out.pop(dev, None)
         self.store.set_states(name, changes)
 
         # 3. failure budget
@@ -376,11 +404,12 @@ class RolloutEngine:
         if r.phase == "deploying":
             r.phase = "soaking"
             r.soak_started_at = now
+            r.soak_elapsed_s = 0.0
             self.store.save(r)
         assert r.soak_started_at is not None
         n_applied = counts.get("applied", 0)
-        if n_applied and r.soak_s > 0:
-            applied = self.store.device_ids(name, r.stage, "applied")
+        if (n_applied or counts.get("late")) and r.soak_s > 0:
+            applied = self.store.device_ids(name, r.stage, ("applied", "late"))
             health = self.backend.telemetry(
                 applied, since=r.soak_started_at, model=(r.model.name, r.model.version)
             )
@@ -396,7 +425,7 @@ class RolloutEngine:
                     f"above {r.max_p99_ms:g} ms"
                 )
                 return self._fail(r, reason)
-        if now - r.soak_started_at < r.soak_s:
+        if r.soak_elapsed_s < r.soak_s:
             return r
 
         # 5. stage passed
@@ -408,6 +437,7 @@ class RolloutEngine:
                 "applied": n_applied,
                 "failed": n_failed,
                 "seconds": round(now - r.stage_started_at, 3),
+                "watched_s": round(r.stage_elapsed_s, 3),
                 "result": "passed",
             }
         )
@@ -439,6 +469,27 @@ class RolloutEngine:
         versions = self.backend.set_desired({dev: r.model for dev, _ in devices})
         self.store.set_states(r.name, [(dev, "pending", versions[dev], None) for dev, _ in devices])
         return versions
+
+    def _late(
+        self, r: Rollout, timed_out: Mapping[str, tuple[int | None, str | None]]
+    ) -> list[tuple[str, str, int | None, str | None]]:
+        """State changes for timed-out devices that now serve the rollout's version: `late`.
+
+        The verdict of their stage is not revisited; this only tells the operator they converged."""
+        changes: list[tuple[str, str, int | None, str | None]] = []
+        for dev, (version, reason) in timed_out.items():
+            info = self.backend.device(dev)
+            if version is None or info is None or info.outcome(version) != "applied" or info.active != r.model.key:
+                continue
+            changes.append((dev, "late", version, f"applied after its stage timed out ({reason or 'timeout'})"))
+        return changes
+
+    def converged_late(self, name: str) -> list[str]:
+        """Mark the rollout's timed-out devices that have applied its version since as `late`."""
+        r = self.store.get(name)
+        changes = self._late(r, self.store.timed_out(name))
+        self.store.set_states(name, changes)
+        return [dev for dev, *_ in changes]
 
     def _roll_back(self, devices: list[RolloutDevice]) -> None:
         if not devices:
@@ -495,6 +546,9 @@ class RolloutEngine:
             "max_failure": r.max_failure,
             "soak_s": r.soak_s,
             "timeout_s": r.timeout_s,
+            # the current stage's clocks: seconds a controller watched it (pauses not counted)
+            "stage_elapsed_s": round(r.stage_elapsed_s, 3),
+            "soak_elapsed_s": round(r.soak_elapsed_s, 3),
             "max_error_rate": r.max_error_rate,
             "max_p99_ms": r.max_p99_ms,
             "created_at": r.created_at,

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS fleet_rollouts (
     phase TEXT NOT NULL DEFAULT 'deploying',
     stage_started_at REAL,
     soak_started_at REAL,
+    stage_elapsed_s REAL NOT NULL DEFAULT 0,
+    soak_elapsed_s REAL NOT NULL DEFAULT 0,
     reason TEXT,
     stage_log TEXT NOT NULL DEFAULT '[]',
     created_at REAL NOT NULL,
@@ -68,6 +70,26 @@ CREATE TABLE IF NOT EXISTS fleet_tags (
     PRIMARY KEY (device_id, key)
 );
 """
+
+# columns added after the first release: a database made before gets them on open
+_ADDED_COLUMNS = {
+    "fleet_rollouts": {
+        "stage_elapsed_s": "REAL NOT NULL DEFAULT 0",
+        "soak_elapsed_s": "REAL NOT NULL DEFAULT 0",
+    },
+}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, ddl in columns.items():
+            if column not in have:
+                try:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column" not in str(exc):  # another process added it first
+                        raise
 
 
 class FleetError(DeployerError):
@@ -101,6 +123,10 @@ class Rollout:
     phase: str = "deploying"  # deploying | soaking
     stage_started_at: float | None = None
     soak_started_at: float | None = None
+    # seconds a controller watched the stage / its soak: time paused or with no controller
+    # running is not counted, so a pause or a dead controller does not eat the timeout
+    stage_elapsed_s: float = 0.0
+    soak_elapsed_s: float = 0.0
     reason: str | None = None
     stage_log: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0.0
@@ -119,7 +145,8 @@ class RolloutDevice:
     device_id: str
     position: int
     stage: int
-    # waiting (not yet issued) | pending | applied | failed | timeout | rolled_back
+    # waiting (not yet issued) | issuing | pending | applied | failed | timeout | late
+    # (applied after it timed out) | rolled_back
     state: str = "waiting"
     desired_version: int | None = None
     previous: ModelVersionRef | None = None
@@ -144,6 +171,8 @@ def _row_rollout(row: sqlite3.Row) -> Rollout:
         phase=row["phase"],
         stage_started_at=row["stage_started_at"],
         soak_started_at=row["soak_started_at"],
+        stage_elapsed_s=row["stage_elapsed_s"],
+        soak_elapsed_s=row["soak_elapsed_s"],
         reason=row["reason"],
         stage_log=json.loads(row["stage_log"]),
         created_at=row["created_at"],
@@ -195,6 +224,7 @@ class FleetStore:
             self.home.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.executescript(_SCHEMA)
+                _add_missing_columns(conn)
         except (OSError, sqlite3.Error) as exc:
             raise FleetError(
                 f"cannot open the fleet state in {self.db_path}: {exc}",
@@ -297,13 +327,16 @@ class FleetStore:
         with self._write() as conn:
             return conn.execute(
                 "UPDATE fleet_rollouts SET state = ?, stage = ?, phase = ?, stage_started_at = ?, "
-                "soak_started_at = ?, reason = ?, stage_log = ?, updated_at = ? WHERE name = ?" + guard,
+                "soak_started_at = ?, stage_elapsed_s = ?, soak_elapsed_s = ?, reason = ?, stage_log = ?, "
+                "updated_at = ? WHERE name = ?" + guard,
                 (
                     rollout.state,
                     rollout.stage,
                     rollout.phase,
                     rollout.stage_started_at,
                     rollout.soak_started_at,
+                    rollout.stage_elapsed_s,
+                    rollout.soak_elapsed_s,
                     rollout.reason,
                     json.dumps(rollout.stage_log),
                     rollout.updated_at,
@@ -446,13 +479,24 @@ class FleetStore:
             ).fetchone()
         return _row_device(row) if row else None
 
-    def device_ids(self, name: str, stage: int, state: str) -> list[str]:
+    def device_ids(self, name: str, stage: int, states: Sequence[str]) -> list[str]:
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT device_id FROM fleet_rollout_devices WHERE rollout = ? AND stage = ? AND state = ?",
-                (name, stage, state),
+                "SELECT device_id FROM fleet_rollout_devices WHERE rollout = ? AND stage = ? "
+                f"AND state IN ({','.join('?' * len(states))})",
+                (name, stage, *states),
             ).fetchall()
         return [r[0] for r in rows]
+
+    def timed_out(self, name: str) -> dict[str, tuple[int | None, str | None]]:
+        """The rollout's devices in state `timeout`: device -> (desired `$version`, reason)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT device_id, desired_version, reason FROM fleet_rollout_devices "
+                "WHERE rollout = ? AND state = 'timeout' ORDER BY position",
+                (name,),
+            ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def counts(self, name: str) -> dict[int, dict[str, int]]:
         """Per stage, how many devices are in each state."""
