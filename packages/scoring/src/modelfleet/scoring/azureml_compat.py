@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl
 import orjson
 
 RAW_ATTR = "__modelfleet_raw_request__"
+# the bodies Flask parses into request.form/.files (kept here: formdata.py imports werkzeug)
+_FORM_MIMETYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 # The real module keeps this flag; scripts only ever apply the decorator.
 _rawHttpRequested = False
@@ -52,7 +54,12 @@ class Headers(Mapping[str, str]):
 
 
 class AMLRequest:
-    """The subset of Flask's Request that raw-mode scripts use: method, headers, args, body."""
+    """The subset of Flask's Request that raw-mode scripts use.
+
+    method, path, headers, args, the body (`get_data()`, `data`, `get_json()`)
+    and form bodies (`files`, `form`), the latter parsed by werkzeug, as on
+    Azure ML, on first use.
+    """
 
     def __init__(
         self,
@@ -68,19 +75,31 @@ class AMLRequest:
         self.full_path = f"{path}?{query}"
         self.headers = Headers(headers)
         self.args: dict[str, str] = dict(parse_qsl(query, keep_blank_values=True))
-        self.data = body
+        self._body = body
         self.content_type = self.headers.get("content-type", "")
         self.mimetype = self.content_type.split(";", 1)[0].strip().lower()
         self.content_length = len(body)
+        self._form: Any = None
+        self._files: Any = None
 
     def get_data(self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False) -> Any:
-        return self.data.decode("utf-8", "replace") if as_text else self.data
+        """The body; with parse_form_data, a form body is parsed into files/form and b"" returned (as Flask)."""
+        data = self._body
+        if parse_form_data and self.mimetype in _FORM_MIMETYPES:
+            self._parse_form()
+            data = b""
+        return data.decode("utf-8", "replace") if as_text else data
+
+    @property
+    def data(self) -> bytes:
+        """The body, empty for a form body (read `files`/`form`), as Flask's `request.data`."""
+        return b"" if self.mimetype in _FORM_MIMETYPES else self._body
 
     def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
         if not force and "json" not in self.mimetype:
             return None
         try:
-            return orjson.loads(self.data)
+            return orjson.loads(self._body)
         except orjson.JSONDecodeError:
             if silent:
                 return None
@@ -92,9 +111,27 @@ class AMLRequest:
 
     @property
     def files(self) -> Any:
-        raise NotImplementedError(
-            "multipart form uploads are not supported in raw mode; read request.get_data()"
-        )
+        """Uploaded files of a multipart body: name -> werkzeug FileStorage (empty for other bodies).
+
+        A malformed body raises InputError, answered 400 unless run() catches it.
+        """
+        if self._files is None:
+            self._parse_form()
+        return self._files
+
+    @property
+    def form(self) -> Any:
+        """Plain fields of a multipart or urlencoded body: name -> str (a werkzeug MultiDict)."""
+        if self._form is None:
+            self._parse_form()
+        return self._form
+
+    def _parse_form(self) -> None:
+        if self._form is not None:
+            return
+        from .formdata import parse_form
+
+        self._form, self._files = parse_form(self._body, self.content_type)
 
 
 class AMLResponse:

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .. import azureml_compat
-from ..errors import InputError, ModelLoadError, ScriptError, describe
+from ..errors import InputError, ModelLoadError, RequestError, ScriptError, describe
 from .base import RawResponse, ScoreInput, Signature, is_msgpack
 
 _counter = itertools.count(1)
@@ -172,6 +172,10 @@ class EntryScriptRuntime:
     def _call(self, arg: Any) -> Any:
         try:
             return self._run(arg)
+        except RequestError:
+            # the request's own fault, found while run() read it (e.g. a malformed
+            # multipart body behind request.files): the client's 4xx, not a 500
+            raise
         except (Exception, SystemExit) as exc:  # sys.exit() in run() must not stop the server
             raise ScriptError(f"run() raised {describe(exc)}") from exc
 
