@@ -64,6 +64,10 @@ class ServiceExistsError(DeployerError):
     default_hint = "pick another name, `modelfleet service update` it, or delete it first"
 
 
+class ServiceBusyError(DeployerError):
+    """Another live modelfleet process is deploying, updating or deleting the service."""
+
+
 class DeploymentError(DeployerError):
     """A deployment, update or deletion failed; the message carries the reason."""
 

@@ -9,6 +9,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -89,10 +90,20 @@ class ServiceManager:
             "inference": to_jsonable(inference),
             "deployment": to_jsonable(deployment),
         }
-        self.registry.reserve_service(name, target, config)
         workdir = self.registry.service_workdir(name)
+        stale = self.registry.reserve_service(
+            name,
+            target,
+            config,
+            models=[m.key for m in models],
+            target_data={"workdir": str(workdir.resolve())},
+        )
         record: ServiceRecord | None = None
         try:
+            if stale is not None:
+                # A deploy of this name whose CLI was killed: stop what it may have started.
+                progress(f"cleaning up an interrupted deploy of {name}")
+                self._cleanup_interrupted(stale)
             shutil.rmtree(workdir, ignore_errors=True)  # leftovers of a crashed CLI
             workdir.mkdir(parents=True)
             progress(f"deploying {', '.join(m.key for m in models)} as {name} ({target})")
@@ -114,6 +125,13 @@ class ServiceManager:
         log.info("event=deployed service=%s target=%s models=%s", name, target, record.models)
         return record
 
+    @staticmethod
+    def _cleanup_interrupted(stale: ServiceRecord) -> None:
+        try:
+            get_target(stale.target).delete(stale, no_progress)
+        except DeployerError as exc:
+            log.warning("event=interrupted_cleanup_failed service=%s reason=%r", stale.name, str(exc))
+
     def update(
         self,
         name: str,
@@ -121,24 +139,30 @@ class ServiceManager:
         inference: InferenceConfig | None = None,
         progress: Progress = no_progress,
     ) -> ServiceRecord:
-        record = self.registry.get_service(name)
-        if record.state in ("creating", "deleting"):
-            raise DeployerError(f"service {name!r} is {record.state}; try again when it is done")
+        _, running = self.registry.get_service_operation(name)
+        if running is not None and running.name == "deploy" and not running.is_alive():
+            raise DeployerError(
+                f"service {name!r} was never fully deployed ({running.interrupted_detail()})",
+                hint=f"deploy it again, or delete it (modelfleet service delete {name})",
+            )
         config = self.registry.service_config(name)
         inf = inference or inference_from_jsonable(config.get("inference", {}))
         dep = deployment_from_jsonable(config.get("deployment", {}))
-        models = [self.registry.resolve(m) for m in model_ids] if model_ids else [
-            self.registry.resolve(m) for m in record.models
-        ]  # fmt: skip
-        bindings = tuple(self.registry.binding(m) for m in models)
-        spec = ServiceSpec(name, bindings, inf, dep, self.registry.service_workdir(name))
-        impl = get_target(record.target)
-        previous = record.state
-        self.registry.set_service_state(name, "updating")
+        record = self.registry.get_service(name)
+        models = [self.registry.resolve(m) for m in (model_ids or record.models)]
+        record, interrupted = self.registry.begin_operation(
+            name, "update", models=[m.key for m in models]
+        )
+        if interrupted is not None:
+            progress(f"taking over ({interrupted.interrupted_detail()})")
         try:
-            updated = impl.update(record, spec, progress)
+            if interrupted is not None and interrupted.name == "deploy":  # lost a race with a kill
+                raise DeployerError(f"service {name!r} was never fully deployed")
+            bindings = tuple(self.registry.binding(m) for m in models)
+            spec = ServiceSpec(name, bindings, inf, dep, self.registry.service_workdir(name))
+            updated = get_target(record.target).update(record, spec, progress)
         except BaseException:
-            self.registry.set_service_state(name, previous)
+            self.registry.end_operation(name, record.state)
             raise
         config["inference"] = to_jsonable(inf)
         self.registry.save_service(updated, config)
@@ -147,19 +171,20 @@ class ServiceManager:
 
     def delete(self, name: str, progress: Progress = no_progress, *, force: bool = False) -> ServiceRecord:
         """Stop the service and forget it; `force` forgets it even if stopping fails."""
-        record = self.registry.get_service(name)
-        self.registry.set_service_state(name, "deleting")
+        record, interrupted = self.registry.begin_operation(name, "delete")
+        if interrupted is not None:
+            progress(f"taking over ({interrupted.interrupted_detail()})")
         try:
             get_target(record.target).delete(record, progress)
         except DeployerError as exc:
             if not force:
-                self.registry.set_service_state(name, "failed")
+                self.registry.end_operation(name, "failed")
                 force_hint = f"`modelfleet service delete {name} --force` forgets it anyway"
                 exc.hint = f"{exc.hint}; {force_hint}" if exc.hint else force_hint
                 raise
             progress(f"could not stop {name} ({exc}); forgetting it anyway (--force)")
         except BaseException:
-            self.registry.set_service_state(name, "failed")
+            self.registry.end_operation(name, "failed")
             raise
         shutil.rmtree(self.registry.service_workdir(name), ignore_errors=True)
         self.registry.forget_service(name)
@@ -173,13 +198,27 @@ class ServiceManager:
         return self.registry.get_service(name)
 
     def status(self, name: str) -> tuple[ServiceRecord, ServiceStatus]:
-        """Probe the service; a dead process or container is stored as failed."""
-        record = self.registry.get_service(name)
-        if record.state in ("creating", "updating", "deleting"):
-            return record, ServiceStatus(record.state)
+        """Probe the service; a dead process or container is stored as failed.
+
+        A service whose deploy/update/delete is running shows that operation; one
+        whose operation died with its CLI shows as failed, saying so.
+        """
+        record, running = self.registry.get_service_operation(name)
+        if running is not None:
+            if running.is_alive():
+                return record, ServiceStatus(record.state, running.busy_message(name))
+            lines: tuple[str, ...] = ()
+            if record.scoring_uri:  # deployed once: the target can show its last log lines
+                with contextlib.suppress(DeployerError):
+                    lines = get_target(record.target).status(record).last_log_lines
+            return replace(record, state="failed"), ServiceStatus(
+                "failed", running.interrupted_detail(), lines
+            )
         status = get_target(record.target).status(record)
-        if status.state != record.state:
-            self.registry.set_service_state(name, status.state)
+        # Stored only if no operation started meanwhile (it owns the state now).
+        if status.state != record.state and self.registry.set_service_state(
+            name, status.state, was=record.state
+        ):
             record = replace(record, state=status.state)
         return record, status
 

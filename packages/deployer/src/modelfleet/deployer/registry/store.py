@@ -13,9 +13,9 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,19 @@ from modelfleet.deployer.errors import (
     ModelInUseError,
     ModelNotFoundError,
     RegistryError,
+    ServiceBusyError,
     ServiceExistsError,
     ServiceNotFoundError,
 )
 from modelfleet.deployer.home import modelfleet_home
 from modelfleet.deployer.registry.artifacts import ArtifactFormat, BlobStore
-from modelfleet.deployer.targets.base import ModelBinding, ServiceRecord
+from modelfleet.deployer.registry.locks import (
+    STATE_OF_OPERATION,
+    OperationName,
+    ProcessIdentity,
+    ServiceOperation,
+)
+from modelfleet.deployer.targets.base import ModelBinding, ServiceRecord, ServiceState
 
 FRAMEWORKS = ("onnx", "tflite", "sklearn", "custom")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -65,6 +72,21 @@ CREATE TABLE IF NOT EXISTS services (
     updated_at REAL NOT NULL
 );
 """
+# The owner of the operation running on a service (see registry/locks.py); added
+# to registries created before operations had owners by `_migrate`.
+_OPERATION_COLUMNS = {
+    "op": "TEXT",
+    "op_pid": "INTEGER",
+    "op_pid_start": "INTEGER",
+    "op_host": "TEXT",
+    "op_started_at": "REAL",
+    "op_models": "TEXT",
+}
+_CLEAR_OPERATION = (
+    "op = NULL, op_pid = NULL, op_pid_start = NULL, op_host = NULL, op_started_at = NULL,"
+    " op_models = NULL"
+)
+_TRANSITIONAL_STATE = {"deploy": "creating", "update": "updating", "delete": "deleting"}
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,29 @@ def _row_to_model(row: sqlite3.Row) -> ModelVersion:
     )
 
 
+def _row_to_operation(row: sqlite3.Row) -> ServiceOperation | None:
+    """The operation a service row says is running (None: none)."""
+    if row["op"] is None:
+        legacy = STATE_OF_OPERATION.get(row["state"])
+        if legacy is None:
+            return None
+        return ServiceOperation(legacy, None, row["updated_at"])
+    owner = ProcessIdentity(row["op_pid"], row["op_pid_start"], row["op_host"])
+    models = tuple(json.loads(row["op_models"] or "[]"))
+    return ServiceOperation(row["op"], owner, row["op_started_at"], models)
+
+
+def _check_models_exist(conn: sqlite3.Connection, models: Sequence[str]) -> None:
+    """Inside the write transaction that records `models` as used: none can be deleted meanwhile."""
+    for key in models:
+        name, version = parse_model_id(key)
+        found = conn.execute(
+            "SELECT 1 FROM models WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        if found is None:
+            raise ModelNotFoundError(f"model {key} is not registered (was it just deleted?)")
+
+
 def _row_to_service(row: sqlite3.Row) -> ServiceRecord:
     return ServiceRecord(
         name=row["name"],
@@ -185,6 +230,7 @@ class Registry:
             self.home.mkdir(parents=True, exist_ok=True)
             with self._connect() as conn:
                 conn.executescript(_SCHEMA)
+                self._migrate(conn)
         except OSError as exc:
             raise RegistryError(
                 f"cannot open the registry at {self.home}: {exc}",
@@ -220,6 +266,20 @@ class Registry:
             ) from exc
         finally:
             conn.close()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Add the operation columns to a registry created before they existed."""
+
+        def missing() -> list[str]:
+            have = {r["name"] for r in conn.execute("PRAGMA table_info(services)")}
+            return [c for c in _OPERATION_COLUMNS if c not in have]
+
+        if not missing():
+            return
+        with sqlitedb.write_transaction(conn):
+            for column in missing():  # again under the lock: another CLI may have just added them
+                conn.execute(f"ALTER TABLE services ADD COLUMN {column} {_OPERATION_COLUMNS[column]}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -404,26 +464,120 @@ class Registry:
         )
 
     # ------------------------------------------------------------------ services
+    #
+    # A service row carries the operation running on it (deploy, update, delete)
+    # and the process that owns it, set and checked inside one `BEGIN IMMEDIATE`
+    # transaction: a second operation is refused while the owner lives, and may
+    # take over once it died (a killed CLI).
 
-    def reserve_service(self, name: str, target: str, config: Mapping[str, Any]) -> None:
-        """Claim a service name ("creating"); fails if it is taken."""
+    def reserve_service(
+        self,
+        name: str,
+        target: str,
+        config: Mapping[str, Any],
+        *,
+        models: Sequence[str] = (),
+        target_data: Mapping[str, Any] | None = None,
+    ) -> ServiceRecord | None:
+        """Claim a service name ("creating", owned by this process); fails if it is taken.
+
+        `models` are checked to exist in the same transaction, so a concurrent
+        `model delete` either sees them used or makes this fail. Returns the record
+        of an interrupted earlier deploy of the same name that this one took over
+        (its leftovers are the caller's to clean up), else None.
+        """
         now = time.time()
+        me = ProcessIdentity.current()
         with self._write() as conn:
-            row = conn.execute("SELECT state FROM services WHERE name = ?", (name,)).fetchone()
+            _check_models_exist(conn, models)
+            row = conn.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
+            stale: ServiceRecord | None = None
             if row is not None:
-                raise ServiceExistsError(f"service {name!r} already exists (state {row[0]})")
+                running = _row_to_operation(row)
+                if running is not None and running.is_alive():
+                    raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint())
+                if running is None or running.name != "deploy":
+                    state = row["state"] if running is None else "failed"
+                    raise ServiceExistsError(f"service {name!r} already exists (state {state})")
+                stale = _row_to_service(row)
+                conn.execute("DELETE FROM services WHERE name = ?", (name,))
             conn.execute(
-                "INSERT INTO services (name, target, state, config, created_at, updated_at)"
-                " VALUES (?, ?, 'creating', ?, ?, ?)",
-                (name, target, json.dumps(config), now, now),
+                "INSERT INTO services (name, target, state, models, target_data, config,"
+                " created_at, updated_at, op, op_pid, op_pid_start, op_host, op_started_at,"
+                " op_models) VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, 'deploy', ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    target,
+                    json.dumps(list(models)),
+                    json.dumps(dict(target_data or {})),
+                    json.dumps(config),
+                    now,
+                    now,
+                    me.pid,
+                    me.start_ticks,
+                    me.host,
+                    now,
+                    json.dumps(list(models)),
+                ),
+            )
+        return stale
+
+    def begin_operation(
+        self, name: str, operation: OperationName, *, models: Sequence[str] = ()
+    ) -> tuple[ServiceRecord, ServiceOperation | None]:
+        """Take the service's operation lock for this process, or raise ServiceBusyError.
+
+        Returns the record as it was and the interrupted operation taken over
+        (its owner died), if any. `models` (those an update puts in place) count
+        as used from now on, checked to exist in the same transaction.
+        """
+        now = time.time()
+        me = ProcessIdentity.current()
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ServiceNotFoundError(f"service {name!r} does not exist")
+            running = _row_to_operation(row)
+            if running is not None and running.is_alive():
+                raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint())
+            _check_models_exist(conn, models)
+            conn.execute(
+                "UPDATE services SET state = ?, updated_at = ?, op = ?, op_pid = ?,"
+                " op_pid_start = ?, op_host = ?, op_started_at = ?, op_models = ? WHERE name = ?",
+                (
+                    _TRANSITIONAL_STATE[operation],
+                    now,
+                    operation,
+                    me.pid,
+                    me.start_ticks,
+                    me.host,
+                    now,
+                    json.dumps(list(models)),
+                    name,
+                ),
+            )
+        record = _row_to_service(row)
+        if running is not None:  # its state is the dead operation's, not the service's
+            record = replace(record, state="failed")
+        return record, running
+
+    def end_operation(self, name: str, state: ServiceState) -> None:
+        """Release this process's operation lock, leaving the service in `state`."""
+        me = ProcessIdentity.current()
+        with self._write() as conn:
+            conn.execute(
+                f"UPDATE services SET state = ?, updated_at = ?, {_CLEAR_OPERATION}"
+                " WHERE name = ? AND op_pid = ? AND op_host = ?",
+                (state, time.time(), name, me.pid, me.host),
             )
 
     def save_service(self, record: ServiceRecord, config: Mapping[str, Any] | None = None) -> None:
+        """Store the outcome of a deploy or update; ends the operation running on it."""
         now = time.time()
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE services SET target = ?, state = ?, scoring_uri = ?, swagger_uri = ?,"
-                " models = ?, target_data = ?, updated_at = ? WHERE name = ?",
+                f" models = ?, target_data = ?, updated_at = ?, {_CLEAR_OPERATION} WHERE name = ?",
                 (
                     record.target,
                     record.state,
@@ -443,19 +597,27 @@ class Registry:
                     (json.dumps(config), record.name),
                 )
 
-    def set_service_state(self, name: str, state: str) -> None:
+    def set_service_state(self, name: str, state: str, *, was: str | None = None) -> bool:
+        """Record a probed state; never over an operation in progress (nor over a
+        state other than `was`, when given). True if the row changed."""
+        query = "UPDATE services SET state = ?, updated_at = ? WHERE name = ? AND op IS NULL"
+        args: list[Any] = [state, time.time(), name]
+        if was is not None:
+            query += " AND state = ?"
+            args.append(was)
         with self._write() as conn:
-            conn.execute(
-                "UPDATE services SET state = ?, updated_at = ? WHERE name = ?",
-                (state, time.time(), name),
-            )
+            return conn.execute(query, args).rowcount > 0
 
     def get_service(self, name: str) -> ServiceRecord:
+        return self.get_service_operation(name)[0]
+
+    def get_service_operation(self, name: str) -> tuple[ServiceRecord, ServiceOperation | None]:
+        """The service and the operation running on it (or interrupted), if any."""
         with self._connect() as conn:
             row = conn.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise ServiceNotFoundError(f"service {name!r} does not exist")
-        return _row_to_service(row)
+        return _row_to_service(row), _row_to_operation(row)
 
     def service_config(self, name: str) -> dict[str, Any]:
         with self._connect() as conn:

@@ -32,6 +32,7 @@ from modelfleet.deployer.targets.base import (
     updated_record,
 )
 from modelfleet.deployer.targets.service_files import (
+    ADMIN_KEY_FILE,
     check_entry_script,
     free_port,
     write_admin_key,
@@ -84,6 +85,15 @@ def _is_running(pid: int, marker: str) -> bool:
         return False
     state = stat.rsplit(")", 1)[-1].split()[0]
     return state not in ("Z", "X") and marker in cmdline
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains `marker`."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        if entry.name != str(os.getpid()) and _is_running(int(entry.name), marker):
+            found.append(int(entry.name))
+    return found
 
 
 def model_dir_for(models: tuple[ModelBinding, ...], workdir: Path) -> Path:
@@ -323,3 +333,10 @@ class LocalTarget:
         if "pid" in data:
             progress(f"stopping the scoring server (pid {data['pid']})")
             _stop_process(int(data["pid"]), str(data["admin_key_file"]))
+        elif data.get("workdir"):
+            # A deploy killed before it recorded the pid: its server (own session,
+            # so it outlived the CLI) is found by the admin key path in its command line.
+            marker = str(Path(data["workdir"]) / ADMIN_KEY_FILE)
+            for pid in _processes_with(marker):
+                progress(f"stopping the scoring server left by an interrupted deploy (pid {pid})")
+                _stop_process(pid, marker)
