@@ -2,6 +2,8 @@
 
 Responses leave in request order: while one request waits for the thread
 pool, later pipelined requests on the same connection queue behind it.
+`Upgrade` requests (h2c, WebSocket) are served as plain HTTP/1.1, as RFC 9110
+§7.8 lets a server do: never a 101.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 MAX_HEAD_BYTES = 64 * 1024
 #: requests queued behind a slow one on one connection before we stop reading
 MAX_PIPELINED = 32
+#: dropped from an Upgrade request (and from its Connection header) before it is served
+_UPGRADE_HEADERS = frozenset({"upgrade", "http2-settings"})
 
 
 class Request:
@@ -94,6 +98,10 @@ class HttpConnection(asyncio.Protocol):
         self._body_size = 0
         self._head_size = 0
         self._reject = 0
+        # an Upgrade request's head, replayed without the Upgrade (see _serve_without_upgrade)
+        self._upgrade = False
+        self._upgrade_head: bytes | None = None
+        self._tunnel = False
         self._queue: deque[Request] = deque()
         self._queue_paused = False
         self._write_paused = False
@@ -115,16 +123,35 @@ class HttpConnection(asyncio.Protocol):
         self._queue.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._tunnel:
             return
         self.last_active = self._loop_time()
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if not self._closing:  # usually refused already in on_headers_complete
-                self._fail(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+        while data:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                # the parser stops after an Upgrade request's head; what follows is
+                # its body and any pipelined requests, in HTTP/1.1
+                data = self._serve_without_upgrade(data[exc.args[0] :])
+            except httptools.HttpParserError as exc:
+                self._fail(400, f"malformed HTTP request: {exc}")
+                return
+
+    def _serve_without_upgrade(self, rest: bytes) -> bytes:
+        """What to feed a fresh parser: the head again, minus the Upgrade, then the rest.
+
+        httptools frames no body once a request asks to upgrade, so replaying the
+        head without it lets the parser read the body (Content-Length or chunked)
+        and the requests after it as usual: `curl --http2 -d ...` sends exactly that.
+        """
+        head, self._upgrade_head, self._upgrade = self._upgrade_head, None, False
+        if head is None or self._closing:
+            # CONNECT (answered with keep-alive off): what follows is a tunnel we do not serve
+            self._tunnel = True
+            return b""
+        self._parser = httptools.HttpRequestParser(self)
+        return head + rest
 
     def pause_writing(self) -> None:
         # a client that does not read its responses must not make us buffer without bound
@@ -166,10 +193,9 @@ class HttpConnection(asyncio.Protocol):
             self._headers[key] = text
 
     def on_headers_complete(self) -> None:
-        if self._parser.should_upgrade():
-            # refused before the request is dispatched, or it would get two responses
-            # (the handler's, then this one when the parser stops at the upgrade)
-            self._fail(400, "protocol upgrades are not supported")
+        if self._parser.should_upgrade() and self._parser.get_method() != b"CONNECT":
+            # limits and 100-continue are applied when the head is replayed without the Upgrade
+            self._upgrade = True
             return
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
@@ -195,6 +221,9 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._closing:
             return
+        if self._upgrade:
+            self._upgrade_head = self._head_without_upgrade()
+            return
         url = self._url
         qpos = url.find(b"?")
         if qpos >= 0:
@@ -202,13 +231,15 @@ class HttpConnection(asyncio.Protocol):
         else:
             path, query = url.decode("latin-1"), ""
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        method = self._parser.get_method().decode("latin-1")
         request = Request(
-            self._parser.get_method().decode("latin-1"),
+            method,
             path,
             query,
             self._headers,
             body,
-            self._parser.should_keep_alive() and not self._reject,
+            # after a CONNECT the client speaks a tunnelled protocol: answer, then close
+            self._parser.should_keep_alive() and not self._reject and method != "CONNECT",
             self._reject,
         )
         if self._busy:
@@ -219,6 +250,22 @@ class HttpConnection(asyncio.Protocol):
                 self._transport.pause_reading()
         else:
             self._dispatch(request)
+
+    def _head_without_upgrade(self) -> bytes:
+        lines = [
+            self._parser.get_method() + b" " + self._url
+            + b" HTTP/" + self._parser.get_http_version().encode("latin-1")
+        ]
+        for key, value in self._headers.items():
+            if key in _UPGRADE_HEADERS:
+                continue
+            if key == "connection":
+                tokens = [t for t in value.split(",") if t.strip().lower() not in _UPGRADE_HEADERS]
+                if not tokens:
+                    continue
+                value = ",".join(tokens).strip()
+            lines.append(f"{key}: {value}".encode("latin-1"))
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     # --- request handling ---------------------------------------------------
     def _dispatch(self, request: Request) -> None:
