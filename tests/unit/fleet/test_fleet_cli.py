@@ -58,6 +58,7 @@ def test_bad_broker_url(run) -> None:  # type: ignore[no-untyped-def]
         (["--max-failure", "5"], "hint: write e.g. 5% or 0.05 (a bare number is a fraction)"),
         (["--soak", "2 weeks"], "--soak: '2 weeks' is not a duration"),
         (["--timeout", "-1"], "--timeout: '-1' is not a duration"),
+        (["--min-soak-requests", "-1"], "--min-soak-requests: -1 is not a request count"),
         (["--target", "tags.hw IN ['a'"], "invalid target condition at position 16: expected ',' or ']'"),
         (["--model", "digits:x"], "invalid version 'x' in 'digits:x'"),
         (["--model", "nothing:1"], "model 'nothing' is not registered"),
@@ -205,3 +206,26 @@ def test_status_says_when_timed_out_devices_could_not_be_checked(run, tmp_path: 
     assert "warning: 1 timed-out device(s) not checked for a late report: cannot reach the MQTT broker" in out
     row = next(line for line in out.splitlines() if line.startswith("dev-0"))
     assert "timeout" in row
+
+
+def test_status_warns_when_a_soak_saw_no_traffic(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("dev-0")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    now = [1000.0]
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend, clock=lambda: now[0])
+    engine.create(RolloutSpec("r", v2, soak_s=30))
+    engine.step("r")
+    backend.report("dev-0", "applied")
+    engine.step("r")
+    now[0] += 31
+    assert engine.step("r").state == "succeeded"
+
+    code, out = run("rollout", "status", "r")
+    assert code == 0
+    assert "warning: stage 1: soak saw no traffic" in out

@@ -486,3 +486,102 @@ def test_a_device_now_serving_another_version_is_not_taken_for_late(
     backend.set_desired({slow: ref(3, "3" * 64)})  # set by hand to something else meanwhile
     backend.report(slow, "applied")
     assert engine.converged_late("r") == []
+
+
+def _soaking(engine: RolloutEngine, backend: MemoryFleetBackend, spec: RolloutSpec) -> None:
+    engine.create(spec)
+    engine.step(spec.name)
+    apply_all(backend, engine, spec.name)
+    assert engine.step(spec.name).phase == "soaking"
+
+
+def test_a_resumed_controller_continues_the_remaining_soak(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock], tmp_path: Path
+) -> None:
+    engine, backend, clock = fleet
+    _soaking(engine, backend, RolloutSpec("r", ref(2), stages=(100,), soak_s=60))
+    clock.now += 40
+    assert engine.step("r").state == "running"
+    # the controller is killed 40 s into the soak and resumed much later: 20 s remain,
+    # neither the whole soak again nor none (nobody watched the telemetry meanwhile)
+    clock.now += 3600
+    fresh = RolloutEngine(FleetStore(tmp_path), backend, clock=clock)
+    assert fresh.step("r").state == "running"
+    assert fresh.status("r")["soak_elapsed_s"] == 40
+    clock.now += 19
+    assert fresh.step("r").state == "running"
+    clock.now += 2
+    assert fresh.step("r").state == "succeeded"
+
+
+def test_pausing_during_the_soak_does_not_count_as_soaked(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    _soaking(engine, backend, RolloutSpec("r", ref(2), stages=(100,), soak_s=60))
+    clock.now += 10
+    engine.step("r")
+    engine.pause("r")
+    clock.now += 600
+    engine.step("r")
+    engine.resume("r")
+    assert engine.step("r").state == "running"
+    clock.now += 51
+    assert engine.step("r").state == "succeeded"
+
+
+def test_a_soak_without_traffic_passes_with_a_warning(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    _soaking(engine, backend, RolloutSpec("r", ref(2), stages=(100,), soak_s=60))
+    clock.now += 61
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert r.stage_log[0]["warning"] == "soak saw no traffic"
+    assert r.stage_log[0]["soak_requests"] == 0
+    assert engine.status("r")["warnings"] == ["stage 1: soak saw no traffic"]
+
+
+def test_a_soak_with_traffic_has_no_warning(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    _soaking(engine, backend, RolloutSpec("r", ref(2), stages=(100,), soak_s=60))
+    backend.add_telemetry("dev-03", requests=7, errors=0)
+    clock.now += 61
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert "warning" not in r.stage_log[0] and r.stage_log[0]["soak_requests"] == 7
+    assert engine.status("r")["warnings"] == []
+
+
+def test_min_soak_requests_holds_the_stage_until_enough_traffic(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, clock = fleet
+    _soaking(engine, backend, RolloutSpec("r", ref(2), stages=(100,), soak_s=60, timeout_s=600, min_soak_requests=50))
+    backend.add_telemetry("dev-01", requests=30, errors=0)
+    clock.now += 61
+    assert engine.step("r").state == "running"  # soaked long enough, but only 30 requests
+    backend.add_telemetry("dev-02", requests=25, errors=0)
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert r.stage_log[0]["soak_requests"] == 55
+
+
+def test_min_soak_requests_not_reached_fails_the_stage_at_its_timeout(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, clock = fleet
+    _soaking(engine, backend, RolloutSpec("r", ref(2), stages=(20, 100), soak_s=60, timeout_s=300, min_soak_requests=50))
+    stage = [d.device_id for d in engine.store.devices("r", stage=0)]
+    backend.add_telemetry(stage[0], requests=3, errors=0)
+    clock.now += 200
+    assert engine.step("r").state == "running"
+    clock.now += 101
+    r = engine.step("r")
+    assert r.state == "failed"
+    assert r.reason == (
+        "stage 1: its devices served 3 requests during the soak, fewer than --min-soak-requests 50, "
+        "within 300s — its devices were rolled back"
+    )
+    assert all(backend.device(d).desired == ref(1, SHA1) for d in stage)  # type: ignore[union-attr]
+
+
+def test_negative_min_soak_requests_is_refused(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, _, _ = fleet
+    with pytest.raises(FleetError, match="--min-soak-requests: -1 is not a request count"):
+        engine.create(RolloutSpec("r", ref(2), min_soak_requests=-1))

@@ -26,6 +26,7 @@ from modelfleet.deployer.fleet.query import check_tag_key, parse_query
 from modelfleet.deployer.fleet.rollout import (
     RolloutEngine,
     RolloutSpec,
+    check_request_count,
     parse_duration,
     parse_ratio,
     parse_stages,
@@ -173,6 +174,8 @@ def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
             "reason": view["reason"],
         }
     )
+    for warning in view["warnings"]:
+        typer.echo(f"warning: {warning}")
     typer.echo("")
     emit_table(
         [
@@ -238,6 +241,9 @@ def rollout_create(
     timeout: str = typer.Option("10m", "--timeout", help="per stage: time for devices to report before they count as failed"),
     max_error_rate: str = typer.Option("5%", "--max-error-rate", help="soak gate: share of failed scoring requests"),
     max_p99_ms: float = typer.Option(None, "--max-p99-ms", help="soak gate: p99 scoring latency limit"),
+    min_soak_requests: int = typer.Option(
+        0, "--min-soak-requests", help="soak gate: requests a stage's devices must serve during the soak (0: none needed)"
+    ),
     artifact_url: str = typer.Option(None, "--artifact-url", help="artifact server base URL devices download from (default $MODELFLEET_ARTIFACT_URL or http://127.0.0.1:8470)"),
     entry_script: str = typer.Option(None, "--entry-script", help="entry script inside a folder model, e.g. score.py"),
     wait: bool = typer.Option(False, "--wait", help="drive the rollout in this process until it ends"),
@@ -250,6 +256,7 @@ def rollout_create(
     soak_s = parse_duration(soak, "--soak")
     timeout_s = parse_duration(timeout, "--timeout")
     error_rate = parse_ratio(max_error_rate, "--max-error-rate")
+    check_request_count(min_soak_requests, "--min-soak-requests")
     parse_query(target)  # a malformed target fails before anything is contacted
     ref = ops.resolve_model(model, artifact_url, entry_script=entry_script)
     url = ops.broker_url(broker)
@@ -263,6 +270,7 @@ def rollout_create(
         timeout_s=timeout_s,
         max_error_rate=error_rate,
         max_p99_ms=max_p99_ms,
+        min_soak_requests=min_soak_requests,
         backend=ops.backend_record(url),
     )
     store = FleetStore()

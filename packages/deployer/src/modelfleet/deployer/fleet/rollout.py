@@ -9,8 +9,8 @@ the canary set is stable across runs yet differs between rollouts. A stage:
 2. waits until each reports `applied` or `failed` for that desired `$version`
    (offline devices stay pending; at `timeout` the still pending count as failed);
 3. halts when failed/stage size exceeds `max_failure`;
-4. soaks: for `soak_s`, the stage's telemetry must keep the error rate and p99
-   latency within limits;
+4. soaks: for `soak_s` (watched time, like the timeout), the stage's telemetry must
+   keep the error rate and p99 latency within limits, and add up to `min_soak_requests`;
 5. passes; the last stage passing makes the rollout `succeeded`.
 
 A failed stage rolls its devices back to their previous desired state and
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from modelfleet.agent.modelref import ModelVersionRef
-from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
+from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend, TelemetrySummary
 from modelfleet.deployer.fleet.query import parse_query
 from modelfleet.deployer.fleet.store import (
     ACTIVE_STATES,
@@ -92,6 +92,12 @@ def parse_stages(text: str) -> list[int]:
     return stages
 
 
+def check_request_count(value: int, what: str) -> int:
+    if value < 0:
+        raise FleetError(f"{what}: {value} is not a request count", hint="0 (the default) lets a soak without traffic pass")
+    return value
+
+
 def rollout_order(name: str, device_ids: list[str]) -> list[str]:
     """The deterministic device order of a rollout."""
     return sorted(device_ids, key=lambda d: (hashlib.sha256(f"{name}\0{d}".encode()).digest(), d))
@@ -129,6 +135,7 @@ class RolloutSpec:
     timeout_s: float = 600.0
     max_error_rate: float = 0.05
     max_p99_ms: float | None = None
+    min_soak_requests: int = 0
     backend: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -138,6 +145,7 @@ class RolloutSpec:
             raise FleetError(f"rollout name {self.name!r} is invalid: use letters, digits, '.', '_' or '-' (max 128)")
         if not self.timeout_s > 0:
             raise FleetError(f"--timeout: {self.timeout_s:g}s leaves devices no time to report", hint="e.g. --timeout 10m")
+        check_request_count(self.min_soak_requests, "--min-soak-requests")
         if self.max_p99_ms is not None and not self.max_p99_ms > 0:
             raise FleetError(f"--max-p99-ms: {self.max_p99_ms:g} is not a latency limit", hint="e.g. --max-p99-ms 50")
 
@@ -183,6 +191,7 @@ class RolloutEngine:
             timeout_s=spec.timeout_s,
             max_error_rate=spec.max_error_rate,
             max_p99_ms=spec.max_p99_ms,
+            min_soak_requests=spec.min_soak_requests,
             backend=spec.backend or {},
         )
         self.store.create(rollout, order, stage_of)
@@ -408,7 +417,8 @@ class RolloutEngine:
             self.store.save(r)
         assert r.soak_started_at is not None
         n_applied = counts.get("applied", 0)
-        if (n_applied or counts.get("late")) and r.soak_s > 0:
+        health = TelemetrySummary()
+        if (n_applied or counts.get("late")) and (r.soak_s > 0 or r.min_soak_requests):
             applied = self.store.device_ids(name, r.stage, ("applied", "late"))
             health = self.backend.telemetry(
                 applied, since=r.soak_started_at, model=(r.model.name, r.model.version)
@@ -427,6 +437,15 @@ class RolloutEngine:
                 return self._fail(r, reason)
         if r.soak_elapsed_s < r.soak_s:
             return r
+        if health.requests < r.min_soak_requests:
+            # a soak nobody sent traffic to proves nothing: wait for more, up to the stage timeout
+            if r.stage_elapsed_s < r.timeout_s:
+                return r
+            reason = (
+                f"stage {r.stage + 1}: its devices served {health.requests} requests during the soak, "
+                f"fewer than --min-soak-requests {r.min_soak_requests}, within {r.timeout_s:g}s"
+            )
+            return self._fail(r, reason)
 
         # 5. stage passed
         r.stage_log.append(
@@ -441,6 +460,10 @@ class RolloutEngine:
                 "result": "passed",
             }
         )
+        if r.soak_s > 0:
+            r.stage_log[-1]["soak_requests"] = health.requests
+            if not health.requests:
+                r.stage_log[-1]["warning"] = "soak saw no traffic"
         log.info("rollout stage passed name=%s stage=%d devices=%d", name, r.stage + 1, total)
         if r.stage + 1 >= len(r.stages):
             r.state = "succeeded"
@@ -551,6 +574,8 @@ class RolloutEngine:
             "soak_elapsed_s": round(r.soak_elapsed_s, 3),
             "max_error_rate": r.max_error_rate,
             "max_p99_ms": r.max_p99_ms,
+            "min_soak_requests": r.min_soak_requests,
+            "warnings": [f"stage {e['stage']}: {e['warning']}" for e in r.stage_log if e.get("warning")],
             "created_at": r.created_at,
             "updated_at": r.updated_at,
             "stages": stages,

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS fleet_rollouts (
     timeout_s REAL NOT NULL,
     max_error_rate REAL NOT NULL,
     max_p99_ms REAL,
+    min_soak_requests INTEGER NOT NULL DEFAULT 0,
     backend TEXT NOT NULL DEFAULT '{}',
     state TEXT NOT NULL,
     stage INTEGER NOT NULL DEFAULT 0,
@@ -76,6 +77,7 @@ _ADDED_COLUMNS = {
     "fleet_rollouts": {
         "stage_elapsed_s": "REAL NOT NULL DEFAULT 0",
         "soak_elapsed_s": "REAL NOT NULL DEFAULT 0",
+        "min_soak_requests": "INTEGER NOT NULL DEFAULT 0",
     },
 }
 
@@ -118,6 +120,7 @@ class Rollout:
     max_error_rate: float
     max_p99_ms: float | None
     backend: dict[str, Any]
+    min_soak_requests: int = 0
     state: str = "running"
     stage: int = 0
     phase: str = "deploying"  # deploying | soaking
@@ -165,6 +168,7 @@ def _row_rollout(row: sqlite3.Row) -> Rollout:
         timeout_s=row["timeout_s"],
         max_error_rate=row["max_error_rate"],
         max_p99_ms=row["max_p99_ms"],
+        min_soak_requests=row["min_soak_requests"],
         backend=json.loads(row["backend"]),
         state=row["state"],
         stage=row["stage"],
@@ -283,8 +287,8 @@ class FleetStore:
                 raise RolloutConflictError(f"rollout {rollout.name!r} conflicts with {clash}")
             conn.execute(
                 "INSERT INTO fleet_rollouts (name, model, target, stages, max_failure, soak_s, timeout_s, "
-                "max_error_rate, max_p99_ms, backend, state, stage, phase, stage_log, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 'deploying', '[]', ?, ?)",
+                "max_error_rate, max_p99_ms, min_soak_requests, backend, state, stage, phase, stage_log, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 'deploying', '[]', ?, ?)",
                 (
                     rollout.name,
                     json.dumps(rollout.model.to_dict()),
@@ -295,6 +299,7 @@ class FleetStore:
                     rollout.timeout_s,
                     rollout.max_error_rate,
                     rollout.max_p99_ms,
+                    rollout.min_soak_requests,
                     json.dumps(rollout.backend),
                     rollout.state,
                     now,
