@@ -216,3 +216,47 @@ def test_a_keys_file_without_both_keys_is_named_not_a_traceback(cli: Cli, home: 
     assert out.exit_code == 1 and "Traceback" not in out.output
     assert f"error: the keys file of halfkeyed ({keys_file}) has no secondary key" in out.stderr
     assert keys_file.read_text() == json.dumps({"primary": "primary-key-1"})
+
+
+def test_registering_identical_bytes_with_a_sign_key_signs_the_existing_version(
+    cli: Cli, digits_onnx: Path, tmp_path: Path
+) -> None:
+    from modelfleet.deployer.registry import Registry
+
+    first = json.loads(cli("keys", "generate", "--out", str(tmp_path / "k1"), "-o", "json").stdout)
+    other = json.loads(cli("keys", "generate", "--out", str(tmp_path / "k2"), "-o", "json").stdout)
+    assert cli("model", "register", "-n", "digits", "-p", str(digits_onnx)).exit_code == 0
+
+    signed = cli("model", "register", "-n", "digits", "-p", str(digits_onnx),
+                 "--sign-key", first["private_key"])  # fmt: skip
+    assert signed.exit_code == 0, signed.output
+    assert signed.stdout.strip() == (
+        f"identical bytes already registered as digits:1; signature added (key {first['key_id']})"
+    )
+    shown = json.loads(cli("model", "show", "digits:1", "-o", "json").stdout)
+    assert shown["key_id"] == first["key_id"]
+    public = serialization.load_pem_public_key(Path(first["public_key"]).read_bytes())
+    assert isinstance(public, Ed25519PublicKey)
+    public.verify(base64.b64decode(shown["signature"]), bytes.fromhex(shown["sha256"]))
+    # what devices get: the version reference the artifact server hands out
+    ref = Registry().model_ref(Registry().get_model("digits", 1), "http://127.0.0.1:1")
+    assert (ref.signature, ref.key_id) == (shown["signature"], first["key_id"])
+
+    same_key = cli("model", "register", "-n", "digits", "-p", str(digits_onnx),
+                   "--sign-key", first["private_key"], "-o", "json")  # fmt: skip
+    again = json.loads(same_key.stdout)
+    assert again["created"] is False and again["signature_added"] is False
+    assert again["signature"] == shown["signature"]
+
+    refused = cli("model", "register", "-n", "digits", "-p", str(digits_onnx),
+                  "--sign-key", other["private_key"])  # fmt: skip
+    assert refused.exit_code == 1
+    assert (
+        f"error: identical bytes are already registered as digits:1, signed by key "
+        f"{first['key_id']}; a version carries one signature, so key {other['key_id']} "
+        "cannot be added"
+    ) in refused.stderr
+    assert "`modelfleet model delete digits:1` and register again" in refused.stderr
+    after = json.loads(cli("model", "show", "digits:1", "-o", "json").stdout)
+    assert after["key_id"] == first["key_id"] and after["signature"] == shown["signature"]
+    assert [m["version"] for m in json.loads(cli("model", "list", "-o", "json").stdout)] == [1]

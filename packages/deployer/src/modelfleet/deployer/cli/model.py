@@ -47,13 +47,25 @@ def register(
     )
     model = result.model
     if output is OutputFormat.json:
-        emit_json({**model.to_dict(), "created": result.created})
+        emit_json(
+            {
+                **model.to_dict(),
+                "created": result.created,
+                "signature_added": result.signature_added,
+            }
+        )
         return
     if result.created:
         signed = f", signed by key {model.key_id}" if model.key_id else ""
         typer.echo(f"registered {model.key} ({model.framework}, {model.size} bytes{signed})")
+    elif result.signature_added:
+        typer.echo(
+            f"identical bytes already registered as {model.key}; signature added "
+            f"(key {model.key_id})"
+        )
     else:
-        typer.echo(f"identical bytes are already registered as {model.key}; nothing added")
+        signed = f" (signed by key {model.key_id})" if sign_key and model.key_id else ""
+        typer.echo(f"identical bytes are already registered as {model.key}{signed}; nothing added")
 
 
 @app.command("list")

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.deployer import sqlitedb
@@ -38,6 +38,9 @@ from modelfleet.deployer.registry.locks import (
     ServiceOperation,
 )
 from modelfleet.deployer.targets.base import ModelBinding, ServiceRecord, ServiceState
+
+if TYPE_CHECKING:
+    from modelfleet.deployer.registry.signing import Signature
 
 FRAMEWORKS = ("onnx", "tflite", "sklearn", "custom")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -134,6 +137,7 @@ class ModelVersion:
 class RegisterResult:
     model: ModelVersion
     created: bool  # False: identical bytes were already registered under this name
+    signature_added: bool = False  # the existing version was unsigned and is now signed
 
 
 def guess_framework(path: Path) -> str:
@@ -322,7 +326,7 @@ class Registry:
                 (name, stored.sha256),
             ).fetchone()
             if same is not None:
-                return RegisterResult(_row_to_model(same), created=False)
+                return self._sign_existing(conn, _row_to_model(same), signature)
             if not self.blobs.exists(stored.sha256):
                 # A concurrent delete of the last version with these bytes removed
                 # the blob after we stored it; store it again under the lock.
@@ -366,6 +370,34 @@ class Registry:
                 ),
             )
         return RegisterResult(model, created=True)
+
+    @staticmethod
+    def _sign_existing(
+        conn: sqlite3.Connection, model: ModelVersion, signature: Signature | None
+    ) -> RegisterResult:
+        """Identical bytes registered again: add the signature to the existing version.
+
+        The signature is over the artifact digest, so it is as valid for the existing
+        version as for a new one. A version carries one signature (contract section 4:
+        the `ModelVersionRef` has one `signature` and `key_id`), so a different key is
+        refused rather than replacing the signature devices may already trust.
+        """
+        if signature is None or model.key_id == signature.key_id:
+            return RegisterResult(model, created=False)
+        if model.signature is not None:
+            raise RegistryError(
+                f"identical bytes are already registered as {model.key}, signed by key "
+                f"{model.key_id}; a version carries one signature, so key {signature.key_id} "
+                "cannot be added",
+                hint=f"devices that trust key {model.key_id} verify it as it is; to sign with "
+                f"the new key, `modelfleet model delete {model.key}` and register again",
+            )
+        conn.execute(
+            "UPDATE models SET signature = ?, key_id = ? WHERE name = ? AND version = ?",
+            (signature.signature, signature.key_id, model.name, model.version),
+        )
+        signed = replace(model, signature=signature.signature, key_id=signature.key_id)
+        return RegisterResult(signed, created=False, signature_added=True)
 
     def list_models(
         self, *, name: str | None = None, tags: Mapping[str, str] | None = None
