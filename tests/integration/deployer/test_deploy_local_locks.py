@@ -129,6 +129,8 @@ def test_a_second_operation_is_refused_while_an_update_runs(
             code, _, err = _run(home, *args)
             assert code == 1 and busy in err and hint in err, (args, err)
         assert first.poll() is None  # refused at once, not queued behind the update
+        code, _, err = _run(home, "model", "delete", "digits:2")  # the version being put in place
+        assert code == 1 and "error: model digits:2 is used by service(s) busy" in err, err
         shown = json.loads(cli("service", "show", "busy", "-o", "json").stdout)
         assert shown["state"] == "updating" and shown["models"] == ["digits:1"]
         assert f"being updated by pid {first.pid}" in shown["detail"]

@@ -104,6 +104,37 @@ def test_delete_is_refused_while_a_service_uses_the_version(
     assert reg.list_models() == [] and not reg.blobs.exists(model.sha256)
 
 
+def test_a_deploy_or_update_in_progress_counts_as_using_its_models(
+    home: Path, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    reg = Registry()
+    reg.register("digits", digits_onnx)
+    reg.register("digits", digits_onnx_v2)
+    reg.reserve_service("fresh", "local", {}, models=["digits:1"])  # deploying, nothing saved yet
+    with pytest.raises(ModelInUseError, match=r"digits:1 is used by service\(s\) fresh"):
+        reg.delete_model("digits", 1)
+    reg.save_service(ServiceRecord("fresh", "local", "healthy", models=["digits:1"]))
+    reg.begin_operation("fresh", "update", models=["digits:2"])  # updating to digits:2
+    with pytest.raises(ModelInUseError, match=r"digits:2 is used by service\(s\) fresh"):
+        reg.delete_model("digits", 2)
+    assert reg.services_using(reg.get_model("digits", 2)) == ["fresh"]
+    reg.end_operation("fresh", "healthy")  # the update failed: digits:2 is free again
+    assert reg.delete_model("digits", 2).key == "digits:2"
+    with pytest.raises(ModelNotFoundError, match="model 'digits' has no version 2"):
+        reg.delete_model("digits", 2)
+
+
+def test_a_deploy_of_a_model_deleted_meanwhile_is_refused_when_it_claims_the_name(
+    home: Path, digits_onnx: Path
+) -> None:
+    reg = Registry()
+    reg.register("digits", digits_onnx)
+    reg.delete_model("digits", 1)  # after the deploy resolved digits:1, before it claimed the name
+    with pytest.raises(ModelNotFoundError, match=r"model digits:1 is not registered \(was it just"):
+        reg.reserve_service("late", "local", {}, models=["digits:1"])
+    assert reg.list_services() == []
+
+
 def test_delete_keeps_a_blob_another_name_still_uses(home: Path, digits_onnx: Path) -> None:
     reg = Registry()
     a = reg.register("a", digits_onnx).model

@@ -200,6 +200,39 @@ def _row_to_operation(row: sqlite3.Row) -> ServiceOperation | None:
     return ServiceOperation(row["op"], owner, row["op_started_at"], models)
 
 
+def _find_model(conn: sqlite3.Connection, name: str, version: int | None) -> ModelVersion:
+    """A version (the latest when `version` is None), or ModelNotFoundError naming the versions."""
+    if version is None:
+        row = conn.execute(
+            "SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+    if row is not None:
+        return _row_to_model(row)
+    versions = [
+        r[0] for r in conn.execute("SELECT version FROM models WHERE name = ? ORDER BY version", (name,))
+    ]
+    if not versions:
+        raise ModelNotFoundError(f"model {name!r} is not registered")
+    raise ModelNotFoundError(
+        f"model {name!r} has no version {version}",
+        hint=f"registered versions: {', '.join(map(str, versions))}",
+    )
+
+
+def _services_using(conn: sqlite3.Connection, key: str) -> list[str]:
+    """Services whose models, or whose running (or interrupted) operation's models, include `key`."""
+    rows = conn.execute("SELECT name, models, op_models FROM services ORDER BY name").fetchall()
+    return [
+        r["name"]
+        for r in rows
+        if key in json.loads(r["models"]) or key in json.loads(r["op_models"] or "[]")
+    ]
+
+
 def _check_models_exist(conn: sqlite3.Connection, models: Sequence[str]) -> None:
     """Inside the write transaction that records `models` as used: none can be deleted meanwhile."""
     for key in models:
@@ -417,29 +450,7 @@ class Registry:
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         """A version, or the latest one when `version` is None."""
         with self._connect() as conn:
-            if version is None:
-                row = conn.execute(
-                    "SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
-                ).fetchone()
-            else:
-                row = conn.execute(
-                    "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)
-                ).fetchone()
-            if row is None:
-                versions = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT version FROM models WHERE name = ? ORDER BY version", (name,)
-                    )
-                ]
-        if row is not None:
-            return _row_to_model(row)
-        if not versions:
-            raise ModelNotFoundError(f"model {name!r} is not registered")
-        raise ModelNotFoundError(
-            f"model {name!r} has no version {version}",
-            hint=f"registered versions: {', '.join(map(str, versions))}",
-        )
+            return _find_model(conn, name, version)
 
     def resolve(self, text: str) -> ModelVersion:
         name, version = parse_model_id(text)
@@ -457,16 +468,21 @@ class Registry:
         )
 
     def services_using(self, model: ModelVersion) -> list[str]:
-        return [s.name for s in self.list_services() if model.key in s.models]
+        """Services serving `model`, or putting it in place (a deploy or update in progress)."""
+        with self._connect() as conn:
+            return _services_using(conn, model.key)
 
     def delete_model(self, name: str, version: int, *, force: bool = False) -> ModelVersion:
-        model = self.get_model(name, version)
-        users = self.services_using(model)
-        if users and not force:
-            raise ModelInUseError(
-                f"model {model.key} is used by service(s) {', '.join(users)}",
-            )
+        # One write transaction from the in-use check to the removal: a deploy or
+        # update records the models it uses under the same lock, so it either sees
+        # this version gone or this sees it used.
         with self._write() as conn:
+            model = _find_model(conn, name, version)
+            users = _services_using(conn, model.key)
+            if users and not force:
+                raise ModelInUseError(
+                    f"model {model.key} is used by service(s) {', '.join(users)}",
+                )
             conn.execute("DELETE FROM models WHERE name = ? AND version = ?", (name, version))
             (others,) = conn.execute(
                 "SELECT COUNT(*) FROM models WHERE sha256 = ?", (model.sha256,)
