@@ -266,6 +266,7 @@ def load_inference_config(
         requirements_file=_abs(resolved.get("requirementsFile")),
         conda_file=_abs(resolved.get("condaFile")),
         base_image=values.get("baseImage"),
+        extra_dockerfile_steps=_abs(resolved.get("extraDockerfileSteps")),
     )
 
 
@@ -334,7 +335,7 @@ def to_jsonable(config: InferenceConfig | DeploymentConfig) -> dict[str, Any]:
 
 
 def inference_from_jsonable(data: Mapping[str, Any]) -> InferenceConfig:
-    paths = {"source_directory", "requirements_file", "conda_file"}
+    paths = {"source_directory", "requirements_file", "conda_file", "extra_dockerfile_steps"}
     known = {f.name for f in dataclasses.fields(InferenceConfig)}
     kwargs: dict[str, Any] = {
         k: (Path(v) if k in paths and v is not None else v) for k, v in data.items() if k in known

@@ -7,9 +7,9 @@ that tag is missing:
    by `debootstrap` on the host and `docker import`-ed (no pull needed);
 2. runtime image: base + a venv with modelfleet-scoring and the user's
    requirements, installed from a host-built wheelhouse with `--no-index`;
-3. service image: runtime + the model files + the entry script's source
-   folder + the `serve` command. Its tag is the hash of that content, so an
-   unchanged deployment is not rebuilt.
+3. service image: runtime + the user's extraDockerfileSteps (if any) + the
+   model files + the entry script's source folder + the `serve` command. Its
+   tag is the hash of that content, so an unchanged deployment is not rebuilt.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from modelfleet.deployer.errors import DeploymentError
+from modelfleet.deployer.targets import docker_steps
+from modelfleet.deployer.targets.docker_steps import ExtraSteps
 from modelfleet.deployer.wheelhouse import Wheelhouse, cache_root, scoring_wheelhouse
 
 Progress = Callable[[str], None]
@@ -52,6 +55,7 @@ LABEL_KIND = "modelfleet.kind"
 LABEL_RUNTIME = "modelfleet.runtime"  # on service images: the runtime image id they build on
 LABEL_BASE = "modelfleet.base"  # on runtime images: the base image id
 LABEL_USER_DEPS = "modelfleet.user-deps"  # on runtime images: the user wheelhouse key
+LABEL_EXTRA_STEPS = "modelfleet.extra-steps"  # on service images: extraDockerfileSteps key
 RUNTIME_IMAGES_KEPT = 3
 
 
@@ -350,7 +354,7 @@ exec {venv}/bin/python -m modelfleet.scoring serve --host 0.0.0.0 --port {port} 
 
 _SERVICE_DOCKERFILE = """\
 FROM {runtime}
-COPY launch.sh {app_root}/launch.sh
+{extra_steps}COPY launch.sh {app_root}/launch.sh
 COPY release/ {releases}/{release_id}/
 RUN chmod 0755 {app_root}/launch.sh && ln -sfn releases/{release_id} {current}
 ENV MODELFLEET_MODEL_DIR={current}/model AZUREML_MODEL_DIR={current}/model
@@ -496,10 +500,31 @@ def stage_release(
     return Release(release_id, final, model_name, model_version, script_in_container)
 
 
+def load_extra_steps(path: Path | None, source_directory: Path | None) -> ExtraSteps | None:
+    """The inference config's extraDockerfileSteps, checked (None when not set)."""
+    if path is None:
+        return None
+    return docker_steps.load_extra_steps(path, source_directory, skip_names=frozenset(_SKIP_NAMES))
+
+
+def extra_steps_key(extra: ExtraSteps | None) -> str:
+    """What the service image's extra-steps label holds ("none" without steps)."""
+    return extra.key[:16] if extra is not None else "none"
+
+
 def ensure_service_image(
-    client: Any, runtime: str, release: Release, progress: Progress = lambda _line: None
+    client: Any,
+    runtime: str,
+    release: Release,
+    progress: Progress = lambda _line: None,
+    *,
+    extra: ExtraSteps | None = None,
 ) -> tuple[str, bool]:
     """Build the service image unless its content-derived tag exists.
+
+    `extra` (extraDockerfileSteps) goes right after FROM: after the runtime and
+    the user's requirements, before the release and the entry point, so a new
+    model version reuses the steps' cached layers.
 
     Returns (tag, built): `built` is False when an identical image was reused.
     """
@@ -507,13 +532,16 @@ def ensure_service_image(
     launcher = _LAUNCHER.format(current=CURRENT_LINK, venv=VENV_DIR, port=CONTAINER_PORT)
     dockerfile = _SERVICE_DOCKERFILE.format(
         runtime=runtime_id,
+        extra_steps=extra.dockerfile if extra is not None else "",
         app_root=APP_ROOT,
         releases=RELEASES_DIR,
         release_id=release.id,
         current=CURRENT_LINK,
         port=CONTAINER_PORT,
     )
-    key = _hash(["service-v2", runtime_id, release.id, launcher, dockerfile])
+    key = _hash(
+        ["service-v3", runtime_id, release.id, launcher, dockerfile, extra_steps_key(extra)]
+    )
     tag = f"{SERVICE_REPO}:{key[:16]}"
     if _image_exists(client, tag):
         progress(f"image {tag} is up to date (not rebuilt)")
@@ -524,27 +552,70 @@ def ensure_service_image(
             _add_bytes(tar, "Dockerfile", dockerfile.encode())
             _add_bytes(tar, "launch.sh", launcher.encode(), mode=0o755)
             tar.add(str(release.path), arcname="release", filter=_normalise)
+            if extra is not None and extra.source_directory is not None:
+                tar.add(
+                    str(extra.source_directory), arcname=docker_steps.CONTEXT_DIR, filter=_normalise
+                )
         context.seek(0)
         labels = {
             LABEL_KIND: "service",
             "modelfleet.release": release.id,
             LABEL_RUNTIME: runtime_id,
+            LABEL_EXTRA_STEPS: extra_steps_key(extra),
         }
-        build_image(client, context, tag, labels, progress)
+        build_image(client, context, tag, labels, progress, describe_step=_extra_step_namer(extra))
     return tag, True
+
+
+def _extra_step_namer(extra: ExtraSteps | None) -> Callable[[int], str | None]:
+    """Maps a build step number back to the extraDockerfileSteps line it came from."""
+
+    def name(step: int) -> str | None:
+        # Step 1 is FROM; the extra steps follow it in order.
+        if extra is None or not 2 <= step < 2 + len(extra.steps):
+            return None
+        s = extra.steps[step - 2]
+        return f"{docker_steps.FIELD} {extra.path.name} line {s.line}: {s.written}"
+
+    return name
 
 
 # ------------------------------------------------------------------------ helpers
 
 
+BUILD_LOG_TAIL = 10  # build output lines shown with a failed step
+_STEP = re.compile(r"^Step (\d+)/\d+ : (.*)$")
+
+
 def build_image(
-    client: Any, context: Any, tag: str, labels: dict[str, str], progress: Progress
+    client: Any,
+    context: Any,
+    tag: str,
+    labels: dict[str, str],
+    progress: Progress,
+    *,
+    describe_step: Callable[[int], str | None] = lambda _step: None,
 ) -> None:
     """`docker build` a prepared tar context, forwarding the build stream as progress.
 
-    The build runs with no network: everything it needs is in the context.
+    The build runs with no network: everything it needs is in the context. A
+    failure names the failing step (through `describe_step` when the step came
+    from the user) and carries the tail of the build log.
     """
     import docker.errors
+
+    step_no, step_text = 0, ""
+    since_step: list[str] = []  # output of the step running now
+
+    def failed(detail: str) -> ImageBuildError:
+        user_step = describe_step(step_no) if step_no else None
+        where = user_step or (f"step {step_no} ({step_text})" if step_no else "the build")
+        tail = [line for line in since_step if line != detail][-BUILD_LOG_TAIL:]
+        return ImageBuildError(
+            f"docker build of {tag} failed at {where}: {detail}"
+            + ("\nbuild log tail:\n" + "\n".join(tail) if tail else ""),
+            hint="fix that step and deploy again" if user_step else "",
+        )
 
     try:
         stream: Iterator[dict[str, Any]] = client.api.build(
@@ -557,21 +628,23 @@ def build_image(
             network_mode="none",
             decode=True,
         )
-        last: list[str] = []
         for chunk in stream:
             if "error" in chunk:
-                detail = str(chunk.get("error", "")).strip()
-                raise ImageBuildError(
-                    f"docker build of {tag} failed: {detail}"
-                    + (f" (after: {' | '.join(last[-3:])})" if last else "")
-                )
+                raise failed(str(chunk.get("error", "")).strip())
             text = str(chunk.get("stream", "")).strip()
             for line in text.splitlines():
-                if line.strip():
-                    last.append(line.strip())
-                    progress(line.strip())
+                line = line.strip()
+                if not line:
+                    continue
+                match = _STEP.match(line)
+                if match:
+                    step_no, step_text = int(match.group(1)), match.group(2)
+                    since_step = []
+                else:
+                    since_step.append(line)
+                progress(line)
     except docker.errors.APIError as exc:
-        raise ImageBuildError(f"docker build of {tag} failed: {exc.explanation or exc}") from exc
+        raise failed(str(exc.explanation or exc)) from exc
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:

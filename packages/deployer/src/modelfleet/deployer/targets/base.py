@@ -42,6 +42,7 @@ class InferenceConfig:
     requirements_file: Path | None = None  # pip requirements
     conda_file: Path | None = None  # its pip section is honoured
     base_image: str | None = None
+    extra_dockerfile_steps: Path | None = None  # Dockerfile steps for container targets
 
 
 @dataclass(frozen=True)

@@ -74,22 +74,35 @@ class DockerTarget:
         spec: ServiceSpec,
         progress: Progress,
         *,
-        environment: tuple[str, str] | None = None,
+        environment: tuple[str, str, str] | None = None,
     ) -> tuple[str, images.Release, bool]:
         """Build (or reuse) the service image for `spec`: (tag, release, built).
 
-        With `environment` (base image id, user requirements key), refuse before
-        building anything when `spec` needs a different one.
+        With `environment` (base image id, user requirements key, extra steps
+        key), refuse before building anything when `spec` needs a different one.
         """
         check_entry_script(spec, DockerTargetError)
         client = self.client
+        extra = images.load_extra_steps(
+            spec.inference.extra_dockerfile_steps, spec.inference.source_directory
+        )
         base = images.resolve_base_image(client, spec.inference.base_image, progress)
         reqs = wheelhouse.user_requirements(
             spec.inference.requirements_file, spec.inference.conda_file
         )
-        wanted = (client.images.get(base).id, wheelhouse.requirements_key(reqs) if reqs else "none")
+        wanted = (
+            client.images.get(base).id,
+            wheelhouse.requirements_key(reqs) if reqs else "none",
+            images.extra_steps_key(extra),
+        )
         if environment is not None and wanted != environment:
-            changed = "base image" if wanted[0] != environment[0] else "pip requirements"
+            changed = (
+                "base image"
+                if wanted[0] != environment[0]
+                else "pip requirements"
+                if wanted[1] != environment[1]
+                else "extraDockerfileSteps (or the source files its COPY steps read)"
+            )
             raise DockerTargetError(
                 f"the update changes the {changed}, which a running container cannot take "
                 "without a restart; the service keeps its current version",
@@ -105,7 +118,7 @@ class DockerTarget:
             spec.inference.entry_script,
             spec.name,
         )
-        tag, built = images.ensure_service_image(client, runtime, release, progress)
+        tag, built = images.ensure_service_image(client, runtime, release, progress, extra=extra)
         return tag, release, built
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,7 +185,9 @@ class DockerTarget:
         data = dict(record.target_data)
         running = _runtime_of(self.client, str(data["image"]))
         tag, release, _built = self.build(
-            spec, progress, environment=_environment(running) if running else None
+            spec,
+            progress,
+            environment=_environment(self.client, str(data["image"]), running) if running else None,
         )
         if release.id == data.get("release") and tag == data.get("image"):
             progress("nothing changed; the service keeps its current version")
@@ -388,9 +403,11 @@ def _runtime_of(client: Any, image: str) -> dict[str, str]:
         return {}
 
 
-def _environment(runtime: dict[str, str]) -> tuple[str, str]:
-    """What a hot-swap cannot change: the base image and the user's pip requirements."""
-    return runtime.get(images.LABEL_BASE, "?"), runtime.get(images.LABEL_USER_DEPS, "?")
+def _environment(client: Any, image: str, runtime: dict[str, str]) -> tuple[str, str, str]:
+    """What a hot-swap cannot change: the base image, the user's pip requirements
+    and the image's extraDockerfileSteps."""
+    extra = images.image_labels(client, image).get(images.LABEL_EXTRA_STEPS, "none")
+    return runtime.get(images.LABEL_BASE, "?"), runtime.get(images.LABEL_USER_DEPS, "?"), extra
 
 
 def _is_ready(port: int) -> bool:
@@ -442,5 +459,3 @@ def _remove_container(container: Any) -> None:
 
     with contextlib.suppress(docker.errors.NotFound):
         container.remove(force=True, v=True)
-
-
