@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
+from modelfleet.scoring.runtimes.base import ScoreInput
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "fixtures" / "scoring" / "scripts"
 
@@ -277,3 +278,51 @@ def test_refused_script_version_leaves_env_path_and_helpers_to_the_serving_one(s
         # the refused version's cached helper must not stand in for the next version's
         server.host.load(ModelSpec(bundles["3"], "score.py", version="3"))
         assert c.post("/score", json={}).json() == {"helper": "3", "dir": str(bundles["3"])}
+
+
+def test_version_refused_at_warmup_leaves_the_environment_to_the_serving_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import sys
+
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    old.mkdir()
+    new.mkdir()
+    (old / "score.py").write_text(
+        "import os\n\ndef init():\n    pass\n\n"
+        "def run(data):\n    return {'dir': os.environ['AZUREML_MODEL_DIR'], 'mf': os.environ['MODELFLEET_MODEL_DIR'],\n"
+        "            'extra': os.environ.get('MF_TEST_CANDIDATE_ONLY')}\n"
+    )
+    (new / "score.py").write_text(
+        "import os\n"
+        "from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType\n"
+        "from inference_schema.schema_decorators import input_schema\n\n"
+        "def init():\n    os.environ['MF_TEST_CANDIDATE_ONLY'] = os.environ['AZUREML_MODEL_DIR']\n\n"
+        "@input_schema('data', StandardPythonParameterType([1, 2, 3]))\n"
+        "def run(data):\n    raise ValueError('broken at warm-up')\n"
+    )
+    host = ModelHost()
+    try:
+        host.load(ModelSpec(old, "score.py", version="1"))
+        before = host.active
+        assert before is not None
+        answer = {"dir": str(old), "mf": str(old), "extra": None}
+        assert before.runtime.predict(ScoreInput(b"{}")) == answer
+        with pytest.raises(ModelLoadError) as info:
+            host.load(ModelSpec(new, "score.py", version="2"))
+        assert info.value.stage == "warmup"
+        assert "broken at warm-up" in info.value.reason
+        assert host.active is before
+        # run() of the serving version reads the environment per request
+        assert before.runtime.predict(ScoreInput(b"{}")) == answer
+        assert os.environ["AZUREML_MODEL_DIR"] == os.environ["MODELFLEET_MODEL_DIR"] == str(old)
+        assert "MF_TEST_CANDIDATE_ONLY" not in os.environ
+        assert str(new.resolve()) not in sys.path and str(old.resolve()) in sys.path
+        # a refused script in the serving version's own folder leaves that folder on sys.path
+        shutil.copy(new / "score.py", old / "score_broken.py")
+        with pytest.raises(ModelLoadError):
+            host.load(ModelSpec(old, "score_broken.py", version="3"))
+        assert str(old.resolve()) in sys.path
+        assert before.runtime.predict(ScoreInput(b"{}")) == answer
+    finally:
+        host.unload()
+        os.environ.pop("MF_TEST_CANDIDATE_ONLY", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -229,9 +230,13 @@ class ModelHost:
         """Load, warm up and switch to `spec`; on failure the active version keeps serving."""
         with self._load_lock:
             started = time.perf_counter()
+            # init() runs in this process: a refused version must not leave its
+            # AZUREML_MODEL_DIR (or anything its init() set) to the serving one
+            environ = dict(os.environ)
             try:
                 model = self._prepare(spec)
             except ModelLoadError as exc:
+                _restore_environ(environ)
                 self.metrics.load_failures += 1
                 log.warning(
                     "event=model_refused name=%s version=%s stage=%s reason=%r",
@@ -295,6 +300,15 @@ def warm_up(runtime: ModelRuntime) -> float | None:
             break
     timed = sorted(timings[1:] if len(timings) > 1 else timings)
     return timed[len(timed) // 2]
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    """Put os.environ back as it was: drop keys added since, restore changed and removed ones."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _safe_close(runtime: Any) -> None:

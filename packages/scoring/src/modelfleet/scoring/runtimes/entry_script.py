@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import types
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,14 @@ from .base import RawResponse, ScoreInput, Signature, is_msgpack
 
 _counter = itertools.count(1)
 # init() reads the model folder from the process environment, so loads run one at a time.
+# A refused version's changes to the environment are undone by ModelHost.load.
 _env_lock = threading.Lock()
 _MODEL_DIR_VARS = ("MODELFLEET_MODEL_DIR", "AZUREML_MODEL_DIR")
 # sys.path and the helper-module bookkeeping; held only briefly
 _paths_lock = threading.Lock()
-# folders of loaded entry scripts (a multiset would be exact; versions rarely share one)
-_script_dirs: set[str] = set()
+# folders of loaded entry scripts, counted: two versions may share one, and a
+# version refused at warm-up must not take the serving one's folder off sys.path
+_script_dirs: Counter[str] = Counter()
 
 
 class EntryScriptRuntime:
@@ -59,7 +62,6 @@ class EntryScriptRuntime:
         module = importlib.util.module_from_spec(spec)
         script_dir = str(self.script.parent.resolve())
         with _env_lock:
-            saved_env = {var: os.environ.get(var) for var in _MODEL_DIR_VARS}
             for var in _MODEL_DIR_VARS:
                 os.environ[var] = str(self.model_dir)
             # helper modules next to score.py import as they do on Azure ML; another
@@ -75,13 +77,8 @@ class EntryScriptRuntime:
             try:
                 run, raw_requested = self._import_and_init(spec.loader, module)
             except ModelLoadError:
-                # refused: the serving version keeps its environment, sys.path and helpers
+                # refused: the serving version keeps its sys.path and helpers
                 sys.modules.pop(name, None)
-                for var, value in saved_env.items():
-                    if value is None:
-                        os.environ.pop(var, None)
-                    else:
-                        os.environ[var] = value
                 with _paths_lock:
                     if script_dir not in _script_dirs:
                         while script_dir in sys.path:
@@ -91,7 +88,7 @@ class EntryScriptRuntime:
         self.module = module
         self._run = run
         with _paths_lock:
-            _script_dirs.add(script_dir)
+            _script_dirs[script_dir] += 1
         self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
         self._signature = self._read_schema(run)
 
@@ -209,8 +206,9 @@ class EntryScriptRuntime:
             script_dir = str(self.script.parent.resolve())
             # close() may run on the event loop: never wait for another version's init()
             with _paths_lock:
-                _script_dirs.discard(script_dir)
-                if script_dir not in _script_dirs:
+                _script_dirs[script_dir] -= 1
+                if _script_dirs[script_dir] <= 0:
+                    del _script_dirs[script_dir]
                     while script_dir in sys.path:
                         sys.path.remove(script_dir)
                     _forget_modules_in(script_dir)
