@@ -315,3 +315,29 @@ def test_az_ml_model_deploy_spelling_works(
     assert no_keys.exit_code == 1 and "has authentication disabled" in no_keys.stderr
     lines = cli("service", "logs", "azstyle", "-o", "json", "--tail", "2").stdout.splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["service"] == "azstyle"
+
+
+def test_replicas_and_autoscale_are_not_applied_locally_and_show_why(
+    cli: Cli, digits_models: Registry, request_body: str, tmp_path: Path
+) -> None:
+    dc = tmp_path / "deploymentconfig.json"
+    dc.write_text(json.dumps({"numReplicas": 3, "authEnabled": False,
+                              "autoScaler": {"autoscaleEnabled": True, "maxReplicas": 4}}))  # fmt: skip
+    out = cli("deploy", "scaled", "-m", "digits:1", "-dc", str(dc))
+    assert out.exit_code == 0, out.output
+    note = (
+        "numReplicas 3 and autoScaler ignored: the local target runs one server process "
+        "(an update's hot-swap would reach only one of several workers)"
+    )
+    assert f"-> {note}" in out.stderr
+    shown = json.loads(cli("service", "show", "scaled", "-o", "json").stdout)
+    assert shown["workers"] == 1 and shown["note"] == note
+    pid = int(shown["pid"])
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert children == []  # one process serves, no forked workers
+    assert cli("service", "update", "scaled", "-m", "digits:2").exit_code == 0
+    assert json.loads(cli("service", "show", "scaled", "-o", "json").stdout)["note"] == note
+    table = cli("service", "show", "scaled").stdout
+    assert "workers" in table and "numReplicas 3 and autoScaler ignored" in table
+    plain = _deploy(cli, "unscaled", "--no-auth")
+    assert plain["workers"] == 1 and "note" not in plain

@@ -37,7 +37,7 @@ def record_view(record: ServiceRecord, status: ServiceStatus | None = None) -> d
         "models": record.models,
         "auth_enabled": bool(data.get("keys_file")),
     }
-    for key in ("pid", "port", "container_name", "image", "log_file"):
+    for key in ("pid", "port", "workers", "container_name", "image", "log_file", "note"):
         if data.get(key) is not None:
             view[key] = data[key]
     if status is not None:

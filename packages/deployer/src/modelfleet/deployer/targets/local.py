@@ -119,6 +119,27 @@ def model_dir_for(models: tuple[ModelBinding, ...], workdir: Path) -> Path:
     return release
 
 
+def scaling_note(spec: ServiceSpec) -> str:
+    """Why numReplicas / autoScaler are not applied (empty when none was asked for).
+
+    One server process, not `serve --workers N`: the workers share one socket, so
+    an update's load request reaches only one of them and the others would keep
+    serving the old version.
+    """
+    dep = spec.deployment
+    ignored = []
+    if dep.replicas > 1:
+        ignored.append(f"numReplicas {dep.replicas}")
+    if dep.autoscale_enabled:
+        ignored.append("autoScaler")
+    if not ignored:
+        return ""
+    return (
+        f"{' and '.join(ignored)} ignored: the local target runs one server process "
+        "(an update's hot-swap would reach only one of several workers)"
+    )
+
+
 def _entry_script_path(spec: ServiceSpec) -> Path | None:
     inf = spec.inference
     if inf.entry_script is None:
@@ -168,10 +189,9 @@ class LocalTarget:
                 "or leave it out to pick a free one",
             )
         port = port or free_port()
-        if spec.deployment.replicas > 1 or spec.deployment.autoscale_enabled:
-            # One process, so that an update's load request reaches the only copy
-            # serving traffic; replicas belong to the docker/kubernetes targets.
-            progress("the local target runs one server process; numReplicas/autoScaler ignored")
+        note = scaling_note(spec)
+        if note:
+            progress(note)
         workdir = spec.workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         keys_file = write_keys(spec, workdir)
@@ -233,6 +253,8 @@ class LocalTarget:
                 "admin_key_file": str(admin_file),
                 "model_dir": str(model_dir),
                 "entry_script": str(entry) if entry else None,
+                "workers": 1,
+                "note": note or None,
             },
         )
 
