@@ -4,6 +4,7 @@ agents as subprocesses, the registry handle."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,64 @@ def pad_onnx(source: Path, dest: Path, size: int) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dest))
     return dest
+
+
+class StallingArtifactServer:
+    """Serves one artifact (single Range requests honoured); the first response sends `stall_after`
+    body bytes, then goes silent with the connection open until `release()` (a server that hangs)."""
+
+    def __init__(self, data: bytes, stall_after: int) -> None:
+        self.data = data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.stall_after: int | None = stall_after
+        self.ranges: list[str | None] = []
+        self._release = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1/artifacts/{self.sha256}"
+
+    def ref(self, name: str, version: int) -> ModelVersionRef:
+        return ModelVersionRef(name=name, version=version, url=self.url, sha256=self.sha256, size=len(self.data))
+
+    def start(self) -> StallingArtifactServer:
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                outer.ranges.append(rng)
+                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(outer.data) - 1}/{len(outer.data)}")
+                body = outer.data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.stall_after is not None:
+                    head, outer.stall_after = body[: outer.stall_after], None
+                    self.wfile.write(head)
+                    self.wfile.flush()
+                    outer._release.wait(60)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        return Handler

@@ -11,7 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_harness import Controller, RegistryHandle, pad_onnx, wait_until  # type: ignore[import-not-found]
+from agent_harness import (  # type: ignore[import-not-found]
+    Controller,
+    RegistryHandle,
+    StallingArtifactServer,
+    pad_onnx,
+    wait_until,
+)
 
 from modelfleet.deployer.registry.signing import generate_key_pair
 from modelfleet.deployer.samples import digits_rows
@@ -78,6 +84,33 @@ def test_download_killed_midway_resumes_without_refetching_finished_bytes(
     assert resumed_from >= kept
     assert resumed_from + received == ref.size
     assert not part.exists()
+
+
+def test_sigterm_during_a_stalled_download_exits_at_once_and_keeps_the_bytes(
+    mosquitto: Any, controller: Controller, agents: Any, digits_onnx: Path,
+) -> None:
+    data = digits_onnx.read_bytes()
+    half = len(data) // 2
+    server = StallingArtifactServer(data, stall_after=half).start()
+    try:
+        ref = server.ref("digits", 1)
+        agent = agents("dev-stall", mosquitto.port, store_timeout_s=30)
+        d1 = controller.desire("dev-stall", ref)
+        part = agent.store_dir / "models" / "partial" / f"{ref.sha256}.part"
+        wait_until(lambda: part.exists() and part.stat().st_size == half, 30, "the bytes sent before the stall")
+        started = time.monotonic()
+        assert agent.terminate(timeout=10) == 0
+        assert time.monotonic() - started < 3.0, "SIGTERM waited for the stalled read (store.timeout_s)"
+        assert "event=agent_stopped" in agent.log_text()
+        assert part.stat().st_size == half  # kept for a Range resume
+
+        server.release()
+        agent.start()
+        controller.wait_reported("dev-stall", d1, "applied")
+        assert server.ranges == [None, f"bytes={half}-"]
+        assert serving_version(agent.scoring_port) == "1"
+    finally:
+        server.stop()
 
 
 def test_sigkill_mid_swap_restarts_into_a_good_version_and_finishes(

@@ -1,9 +1,11 @@
 """A small blob server (helper module) for the model store's tests: Range requests, a bearer token, and a
-switch that cuts the connection after N bytes (a link dropping mid-download)."""
+switch that cuts the connection after N bytes (a link dropping mid-download), and one that stalls after N
+bytes (a server that stops sending but keeps the connection open)."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -18,6 +20,8 @@ class BlobServer:
     cut_after: int | None = None  # close the next response after this many body bytes
     served: int = 0  # body bytes sent, in total
     ranges: list[str | None] = field(default_factory=list)
+    stall_after: int | None = None  # send this many body bytes of the next response, then go silent
+    release: threading.Event = field(default_factory=threading.Event)  # ends a stall
     port: int = 0
 
     def add(self, data: bytes, *, name: str = "m", version: int = 1, **extra: Any) -> ModelVersionRef:
@@ -60,6 +64,14 @@ def make_handler(state: BlobServer) -> type[BaseHTTPRequestHandler]:
             if state.cut_after is not None:
                 body, state.cut_after = body[: state.cut_after], None
                 self.close_connection = True
+            if state.stall_after is not None:
+                head, state.stall_after = body[: state.stall_after], None
+                self.wfile.write(head)
+                self.wfile.flush()
+                state.served += len(head)
+                state.release.wait(60)
+                self.close_connection = True
+                return
             self.wfile.write(body)
             state.served += len(body)
 

@@ -21,6 +21,7 @@ def blob_server() -> Iterator[BlobServer]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield state
+    state.release.set()
     server.shutdown()
     server.server_close()
 

@@ -9,6 +9,7 @@ import os
 import socket
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,41 @@ def test_cancel_abandons_the_download_but_keeps_bytes_for_later(tmp_path: Path, 
     with pytest.raises(Superseded):
         store.fetch(ref, cancel)
     assert not store.is_installed(ref)
+
+
+def test_cancel_stops_a_stalled_download_at_once_and_keeps_its_bytes(
+    tmp_path: Path, blob_server: BlobServer
+) -> None:
+    ref = blob_server.add(PAYLOAD)
+    blob_server.stall_after = len(PAYLOAD) // 2
+    store = store_at(tmp_path, blob_server, timeout_s=30.0)
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            store.fetch(ref, cancel)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while store.partial_size(ref) < len(PAYLOAD) // 2:  # read1 writes what arrived before the stall
+        assert time.monotonic() < deadline, "the bytes sent before the stall never reached the disk"
+        time.sleep(0.01)
+    cancel.set()
+    started = time.monotonic()
+    worker.join(5)
+    assert not worker.is_alive(), "fetch still blocked on the stalled socket"
+    assert time.monotonic() - started < 1.0  # not the 30 s read timeout
+    assert len(outcome) == 1 and isinstance(outcome[0], Superseded), outcome
+    assert store.partial_size(ref) == len(PAYLOAD) // 2  # kept for a Range resume
+
+    blob_server.release.set()
+    store.fetch(ref)
+    assert store.is_installed(ref)
+    assert blob_server.ranges[-1] == f"bytes={len(PAYLOAD) // 2}-"
 
 
 def _tar(members: list[tarfile.TarInfo], data: bytes = b"payload") -> bytes:

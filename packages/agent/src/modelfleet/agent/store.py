@@ -38,6 +38,8 @@ from .modelref import ModelVersionRef
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from .download import LinkCutter
+
 log = logging.getLogger("modelfleet.agent.store")
 
 _CHUNK = 256 * 1024
@@ -205,9 +207,21 @@ class ModelStore:
             )
 
     def _download(self, ref: ModelVersionRef, cancel: threading.Event | None) -> Path:
+        from .download import LinkCutter
+
+        if cancel is None:
+            return self._download_cut(ref, None)
+        # a stalled server must not hold up a cancel (SIGTERM, a newer $version) for timeout_s
+        with LinkCutter(cancel) as cutter:
+            return self._download_cut(ref, cutter)
+
+    def _download_cut(self, ref: ModelVersionRef, cutter: LinkCutter | None) -> Path:
         import urllib.error
         import urllib.request
 
+        from .download import open_url
+
+        cancel = cutter.cancel if cutter is not None else None
         part = self._part(ref)
         have = part.stat().st_size if part.exists() else 0
         if have > ref.size:
@@ -226,7 +240,7 @@ class ModelStore:
             headers["Range"] = f"bytes={have}-"
         request = urllib.request.Request(ref.url, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+            response = open_url(request, self.timeout_s, cutter)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:
                 # the server has fewer bytes than we kept: start again from zero
@@ -235,7 +249,8 @@ class ModelStore:
             raise ArtifactError(
                 "download", f"{ref.url}: HTTP {exc.code} {exc.reason}", transient=exc.code >= 500 or exc.code == 429
             ) from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            _check_cancel(ref, cancel)  # the link was cut on purpose
             reason = getattr(exc, "reason", exc)
             raise ArtifactError("download", f"{ref.url}: {reason}", transient=True) from None
         with response:
@@ -287,13 +302,15 @@ class ModelStore:
         received = 0
         started = time.monotonic()
         while True:
-            if cancel is not None and cancel.is_set():
-                raise Superseded(f"download of {ref.key} abandoned for a newer desired state")
+            _check_cancel(ref, cancel)
             try:
-                chunk = response.read(_CHUNK)
+                # read1: whatever has arrived, so that the bytes of a link that stalls are on disk
+                chunk = response.read1(_CHUNK)
             except (OSError, ValueError, http.client.HTTPException) as exc:
+                _check_cancel(ref, cancel)  # the link was cut on purpose
                 raise ArtifactError("download", f"{ref.url}: connection lost ({exc})", transient=True) from None
             if not chunk:
+                _check_cancel(ref, cancel)  # a cut link reads as end-of-file
                 return received
             if have + received + len(chunk) > ref.size:
                 out.truncate(0)
@@ -301,12 +318,13 @@ class ModelStore:
                     "verify", f"{ref.key}: the server sent more than the declared size of {ref.size} bytes"
                 )
             out.write(chunk)
+            # to the OS at once: what arrived before a stall or a SIGTERM/SIGKILL is there to resume from
+            out.flush()
             received += len(chunk)
             if self.rate_limit_bps:
                 # a bandwidth cap for metered links: sleep until we are back under it
                 ahead = received / self.rate_limit_bps - (time.monotonic() - started)
                 if ahead > 0:
-                    out.flush()
                     time.sleep(ahead)
 
     # --- verify and install -------------------------------------------------------
@@ -350,6 +368,11 @@ class ModelStore:
             raise ArtifactError("install", f"{ref.key}: {exc}") from None
         log.info("event=version_installed model=%s sha256=%s", ref.key, ref.sha256[:12])
         return final
+
+
+def _check_cancel(ref: ModelVersionRef, cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Superseded(f"download of {ref.key} stopped (a newer desired state, or shutting down)")
 
 
 def _write_failed(ref: ModelVersionRef, part: Path, exc: OSError) -> ArtifactError:
