@@ -9,6 +9,9 @@
 3. Download: the artifact server over HTTP vs reading the blob from disk.
 4. Memory: peak RSS of a `register` process (streams the file) vs a process
    that imports the same modules and reads the file into memory.
+5. Operation lock: taking and releasing a service's lock (owner pid + start
+   time, a liveness check, two write transactions) vs the two plain state
+   writes the manager made around an update before the lock existed.
 
     .venv/bin/python benchmarks/deployer_local.py [--clients 4] [--size-mb 256]
 """
@@ -33,6 +36,7 @@ from modelfleet.deployer.registry import Registry
 from modelfleet.deployer.registry.server import ArtifactServer
 from modelfleet.deployer.samples import make_digits_onnx
 from modelfleet.deployer.services import ServiceManager
+from modelfleet.deployer.targets.base import ServiceRecord
 
 
 def update_figures(home: Path, clients: int) -> None:
@@ -145,6 +149,24 @@ def memory_figures(home: Path, size_mb: int) -> None:
     print(f"  baseline read into memory     {peak['read']:6.0f} MiB")
 
 
+def lock_figures(home: Path, rounds: int = 200) -> None:
+    registry = Registry(home)
+    registry.reserve_service("bench", "local", {})
+    registry.save_service(ServiceRecord("bench", "local", "healthy"))
+    started = time.perf_counter()
+    for _ in range(rounds):
+        registry.begin_operation("bench", "update")
+        registry.end_operation("bench", "healthy")
+    lock_ms = (time.perf_counter() - started) / rounds * 1000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        registry.set_service_state("bench", "updating")
+        registry.set_service_state("bench", "healthy")
+    plain_ms = (time.perf_counter() - started) / rounds * 1000
+    print(f"operation lock take + release   {lock_ms:6.2f} ms")
+    print(f"  baseline two state writes     {plain_ms:6.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
@@ -154,6 +176,7 @@ def main() -> None:
         update_figures(Path(tmp) / "update", args.clients)
         registry_figures(Path(tmp) / "registry", args.size_mb)
         memory_figures(Path(tmp) / "registry", args.size_mb)
+        lock_figures(Path(tmp) / "locks")
 
 
 if __name__ == "__main__":
