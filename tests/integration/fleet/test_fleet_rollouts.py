@@ -249,3 +249,30 @@ def test_offline_devices_keep_their_declared_tags_for_targeting(fleet: Fleet) ->
     for a in agents[:2]:
         assert by_id[a.device_id]["online"] is False
         assert by_id[a.device_id]["tags"] == {"site": "plant-9"}
+
+
+def test_an_agent_that_joins_during_a_rollout_gets_the_version_with_the_next_stage(
+    fleet: Fleet, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    from modelfleet.deployer.fleet.backends.mqtt import MqttFleetBackend, MqttFleetSettings
+    from modelfleet.deployer.fleet.operations import resolve_model
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+
+    fleet.start_agents(2, tags={"site": "lab"})
+    fleet.register("digits", digits_onnx)
+    fleet.register("digits", digits_onnx_v2)
+    v2 = resolve_model("digits:2", fleet.server.url, fleet.registry.home)
+    store = FleetStore(fleet.registry.home)
+    with MqttFleetBackend(MqttFleetSettings(port=fleet.broker_port)).connect() as backend:
+        engine = RolloutEngine(store, backend)
+        engine.create(RolloutSpec("grow", v2, target="tags.site = 'lab'", stages=(50, 100)))
+        # stepped by hand up to where stage 1 has passed and stage 2 is about to start
+        wait_until(lambda: engine.step("grow").stage == 1, 60, "stage 1 to pass")
+        [joiner] = fleet.start_agents(1, prefix="joiner", tags={"site": "lab"})
+        wait_until(lambda: (d := backend.device(joiner.device_id)) is not None and d.online, 30, "the joiner seen")
+        final = engine.drive("grow", poll=0.05, deadline=time.monotonic() + 60)
+    assert final.state == "succeeded", final.reason
+    view = engine.status("grow")
+    row = next(d for d in view["devices"] if d["device_id"] == joiner.device_id)
+    assert (row["stage"], row["state"], row["joined"]) == (2, "applied", True)
+    fleet.wait_device(joiner.device_id, lambda d: d.active == "digits:2", "the joiner on v2")

@@ -585,3 +585,73 @@ def test_negative_min_soak_requests_is_refused(fleet: tuple[RolloutEngine, Memor
     engine, _, _ = fleet
     with pytest.raises(FleetError, match="--min-soak-requests: -1 is not a request count"):
         engine.create(RolloutSpec("r", ref(2), min_soak_requests=-1))
+
+
+def test_devices_that_join_the_target_go_out_with_the_next_stage(fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock]) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), target="tags.site = 'a'", stages=(10, 100)))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    # during stage 1: a new device connects with the tag, and an existing one is tagged centrally
+    backend.add("dev-20", tags={"site": "a"})
+    backend.set_desired({"dev-20": ref(1, SHA1)})
+    backend.report("dev-20", "applied")
+    engine.store.set_tags("dev-09", {"site": "a"})
+    r = engine.step("r")  # stage 1 passes
+    assert r.stage == 1
+    r = engine.step("r")  # stage 2 starts: the target is evaluated again
+    devices = engine.store.devices("r")
+    assert len(devices) == 10
+    joined = [d for d in devices if d.joined]
+    assert [d.device_id for d in joined] == rollout_order("r", ["dev-09", "dev-20"])
+    assert [d.position for d in joined] == [8, 9] and {d.stage for d in joined} == {1}
+    assert {d.state for d in joined} == {"pending"}
+    assert all(d.previous == ref(1, SHA1) for d in joined)  # remembered for a rollback
+    apply_all(backend, engine, "r")
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert r.stage_log[-1]["devices"] == 9
+    view = engine.status("r")
+    assert view["joined"] == 2
+    assert view["stages"][1]["cumulative_devices"] == 10
+    assert backend.device("dev-20").active == "digits:2"  # type: ignore[union-attr]
+
+
+def test_a_device_that_joins_during_the_last_stage_is_taken_in_before_success(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), target="tags.site = 'b'", stages=(100,), timeout_s=60))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    backend.add("dev-30", tags={"site": "b"})
+    clock.now += 50
+    r = engine.step("r")  # would succeed; the target grew, so the stage runs again
+    assert (r.state, r.phase, r.stage_log) == ("running", "deploying", [])
+    clock.now += 50
+    r = engine.step("r")
+    assert [d.device_id for d in engine.store.devices("r", states=("pending",))] == ["dev-30"]
+    clock.now += 50  # a fresh timeout for the rerun stage
+    assert engine.step("r").state == "running"
+    apply_all(backend, engine, "r")
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert [(e["stage"], e["devices"], e["result"]) for e in r.stage_log] == [(1, 3, "passed")]
+
+
+def test_joining_devices_held_by_another_rollout_stay_out_and_nothing_joins_after_success(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, _ = fleet
+    backend.add("dev-40", tags={"site": "c"})
+    engine.create(RolloutSpec("other", ref(3, "3" * 64), target="tags.site = 'c'", soak_s=3600))
+    engine.create(RolloutSpec("r", ref(2), target="tags.site = 'b'", stages=(100,)))
+    engine.step("r")
+    apply_all(backend, engine, "r")
+    engine.store.set_tags("dev-40", {"site": "b"})  # now matches 'r' too, but 'other' holds it
+    r = engine.step("r")
+    assert r.state == "succeeded"
+    assert "dev-40" not in engine.store.member_ids("r")
+    backend.add("dev-41", tags={"site": "b"})
+    assert engine.step("r").state == "succeeded"
+    assert "dev-41" not in engine.store.member_ids("r")

@@ -14,7 +14,9 @@ the canary set is stable across runs yet differs between rollouts. A stage:
 5. passes; the last stage passing makes the rollout `succeeded`.
 
 A failed stage rolls its devices back to their previous desired state and
-leaves the rollout `failed` with the reason. Nothing here imports paho.
+leaves the rollout `failed` with the reason. The target is evaluated again when
+a stage starts and before the rollout succeeds: devices that newly match join
+the current stage. Nothing here imports paho.
 """
 
 from __future__ import annotations
@@ -324,6 +326,7 @@ class RolloutEngine:
         self._ticks[name] = now
         delta = max(0.0, now - last) if last is not None else 0.0
         if r.stage_started_at is None:
+            self._take_joiners(r)
             r.stage_started_at = now
             r.stage_elapsed_s = r.soak_elapsed_s = 0.0
             self.store.save(r)
@@ -448,6 +451,15 @@ class RolloutEngine:
             return self._fail(r, reason)
 
         # 5. stage passed
+        if r.stage + 1 >= len(r.stages) and self._take_joiners(r):
+            # devices matched the target since the last stage started: the stage takes them in and
+            # runs again (issue, wait with a fresh timeout, soak) before the rollout can succeed
+            r.phase = "deploying"
+            r.stage_started_at = None
+            r.soak_started_at = None
+            self._cache.pop(name, None)
+            self.store.save(r)
+            return r
         r.stage_log.append(
             {
                 "stage": r.stage + 1,
@@ -492,6 +504,21 @@ class RolloutEngine:
         versions = self.backend.set_desired({dev: r.model for dev, _ in devices})
         self.store.set_states(r.name, [(dev, "pending", versions[dev], None) for dev, _ in devices])
         return versions
+
+    def _take_joiners(self, r: Rollout) -> list[str]:
+        """Append the devices that match the target now but are not in the rollout yet to its
+        current stage (in the rollout's order among themselves); those another rollout holds stay out."""
+        query = parse_query(r.target)
+        known = self.store.member_ids(r.name)
+        fresh = [
+            d.device_id
+            for d in merged_devices(self.store, self.backend)
+            if d.device_id not in known and query.matches(d.document())
+        ]
+        added = self.store.add_devices(r.name, rollout_order(r.name, fresh), r.stage)
+        if added:
+            log.info("rollout devices joined name=%s stage=%d devices=%d", r.name, r.stage + 1, len(added))
+        return added
 
     def _late(
         self, r: Rollout, timed_out: Mapping[str, tuple[int | None, str | None]]
@@ -550,14 +577,15 @@ class RolloutEngine:
         """A JSON-ready view: rollout settings, per-stage progress, per-device state."""
         r = self.store.get(name)
         devices = self.store.devices(name)
-        sizes = stage_sizes(len(devices), r.stages)
         stages = []
+        cumulative = 0
         for i, pct in enumerate(r.stages):
             members = [d for d in devices if d.stage == i]
+            cumulative += len(members)
             counts: dict[str, int] = {}
             for d in members:
                 counts[d.state] = counts.get(d.state, 0) + 1
-            stages.append({"stage": i + 1, "percent": pct, "cumulative_devices": sizes[i], "devices": len(members), "states": counts})
+            stages.append({"stage": i + 1, "percent": pct, "cumulative_devices": cumulative, "devices": len(members), "states": counts})
         return {
             "name": r.name,
             "model": r.model.key,
@@ -578,6 +606,7 @@ class RolloutEngine:
             "warnings": [f"stage {e['stage']}: {e['warning']}" for e in r.stage_log if e.get("warning")],
             "created_at": r.created_at,
             "updated_at": r.updated_at,
+            "joined": sum(1 for d in devices if d.joined),
             "stages": stages,
             "stage_log": r.stage_log,
             "devices": [
@@ -587,6 +616,7 @@ class RolloutEngine:
                     "state": d.state,
                     "previous": d.previous.key if d.previous else None,
                     "reason": d.reason,
+                    "joined": d.joined,
                 }
                 for d in devices
             ],

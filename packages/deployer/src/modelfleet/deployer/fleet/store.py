@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS fleet_rollout_devices (
     previous TEXT,
     reason TEXT,
     updated_at REAL NOT NULL,
+    joined INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (rollout, device_id)
 );
 CREATE INDEX IF NOT EXISTS fleet_rollout_devices_device ON fleet_rollout_devices (device_id);
@@ -78,6 +79,9 @@ _ADDED_COLUMNS = {
         "stage_elapsed_s": "REAL NOT NULL DEFAULT 0",
         "soak_elapsed_s": "REAL NOT NULL DEFAULT 0",
         "min_soak_requests": "INTEGER NOT NULL DEFAULT 0",
+    },
+    "fleet_rollout_devices": {
+        "joined": "INTEGER NOT NULL DEFAULT 0",
     },
 }
 
@@ -155,6 +159,7 @@ class RolloutDevice:
     previous: ModelVersionRef | None = None
     reason: str | None = None
     updated_at: float = 0.0
+    joined: bool = False  # matched the target after the rollout was created
 
 
 def _row_rollout(row: sqlite3.Row) -> Rollout:
@@ -196,6 +201,7 @@ def _row_device(row: sqlite3.Row) -> RolloutDevice:
         previous=ModelVersionRef.from_dict(json.loads(prev)) if prev else None,
         reason=row["reason"],
         updated_at=row["updated_at"],
+        joined=bool(row["joined"]),
     )
 
 
@@ -311,6 +317,43 @@ class FleetStore:
                 "VALUES (?, ?, ?, ?, 'waiting', ?)",
                 ((rollout.name, d, i, s, now) for i, (d, s) in enumerate(zip(device_ids, stage_of, strict=True))),
             )
+
+    def add_devices(self, name: str, device_ids: Sequence[str], stage: int) -> list[str]:
+        """Append devices that joined the target to a stage (after every device already in the
+        rollout, in the given order), skipping those another active rollout holds; the added ids."""
+        if not device_ids:
+            return []
+        now = time.time()
+        with self._write() as conn:
+            conn.execute("CREATE TEMP TABLE joining (device_id TEXT PRIMARY KEY)")
+            try:
+                conn.executemany("INSERT OR IGNORE INTO joining VALUES (?)", ((d,) for d in device_ids))
+                held = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT d.device_id FROM joining j JOIN fleet_rollout_devices d ON d.device_id = j.device_id "
+                        "JOIN fleet_rollouts r ON r.name = d.rollout "
+                        f"WHERE r.state IN ({','.join('?' * len(ACTIVE_STATES))}) OR d.rollout = ?",
+                        (*ACTIVE_STATES, name),
+                    )
+                }
+            finally:
+                conn.execute("DROP TABLE joining")
+            added = [d for d in dict.fromkeys(device_ids) if d not in held]
+            start = conn.execute(
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM fleet_rollout_devices WHERE rollout = ?", (name,)
+            ).fetchone()[0]
+            conn.executemany(
+                "INSERT INTO fleet_rollout_devices (rollout, device_id, position, stage, state, updated_at, joined) "
+                "VALUES (?, ?, ?, ?, 'waiting', ?, 1)",
+                ((name, d, start + i, stage, now) for i, d in enumerate(added)),
+            )
+        return added
+
+    def member_ids(self, name: str) -> set[str]:
+        """Every device id in a rollout."""
+        with self._connect() as conn:
+            return {r[0] for r in conn.execute("SELECT device_id FROM fleet_rollout_devices WHERE rollout = ?", (name,))}
 
     def get(self, name: str) -> Rollout:
         with self._connect() as conn:
