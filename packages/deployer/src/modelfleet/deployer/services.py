@@ -139,12 +139,6 @@ class ServiceManager:
         inference: InferenceConfig | None = None,
         progress: Progress = no_progress,
     ) -> ServiceRecord:
-        _, running = self.registry.get_service_operation(name)
-        if running is not None and running.name == "deploy" and not running.is_alive():
-            raise DeployerError(
-                f"service {name!r} was never fully deployed ({running.interrupted_detail()})",
-                hint=f"deploy it again, or delete it (modelfleet service delete {name})",
-            )
         config = self.registry.service_config(name)
         inf = inference or inference_from_jsonable(config.get("inference", {}))
         dep = deployment_from_jsonable(config.get("deployment", {}))
@@ -156,8 +150,6 @@ class ServiceManager:
         if interrupted is not None:
             progress(f"taking over ({interrupted.interrupted_detail()})")
         try:
-            if interrupted is not None and interrupted.name == "deploy":  # lost a race with a kill
-                raise DeployerError(f"service {name!r} was never fully deployed")
             bindings = tuple(self.registry.binding(m) for m in models)
             spec = ServiceSpec(name, bindings, inf, dep, self.registry.service_workdir(name))
             updated = get_target(record.target).update(record, spec, progress)

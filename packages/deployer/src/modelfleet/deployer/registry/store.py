@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.deployer import sqlitedb
 from modelfleet.deployer.errors import (
+    DeployerError,
     ModelInUseError,
     ModelNotFoundError,
     RegistryError,
@@ -588,6 +589,11 @@ class Registry:
             running = _row_to_operation(row)
             if running is not None and running.is_alive():
                 raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint())
+            if running is not None and running.name == "deploy" and operation == "update":
+                raise DeployerError(
+                    f"service {name!r} was never fully deployed ({running.interrupted_detail()})",
+                    hint=f"deploy it again, or delete it (modelfleet service delete {name})",
+                )
             _check_models_exist(conn, models)
             conn.execute(
                 "UPDATE services SET state = ?, updated_at = ?, op = ?, op_pid = ?,"
