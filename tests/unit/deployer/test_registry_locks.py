@@ -7,9 +7,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from typer.testing import Result
 
 from modelfleet.deployer.errors import ServiceBusyError, ServiceExistsError
 from modelfleet.deployer.registry import Registry
@@ -121,3 +123,25 @@ def test_a_registry_created_before_operation_owners_is_migrated(home: Path) -> N
     registry.begin_operation("kept", "update")
     with pytest.raises(ServiceBusyError):
         Registry(home).begin_operation("kept", "delete")
+
+
+def test_a_lock_held_on_another_host_is_kept_unless_delete_is_forced(
+    home: Path, cli: Callable[..., Result]
+) -> None:
+    registry = Registry(home)
+    registry.reserve_service("shared", "local", {})
+    registry.save_service(ServiceRecord("shared", "local", "healthy"))
+    _own(registry, "shared", ProcessIdentity(4242, 1, "elsewhere.example"))
+    refused = cli("service", "delete", "shared")
+    assert refused.exit_code == 1
+    assert "error: service 'shared' is being updated by pid 4242 on elsewhere.example since" in (
+        refused.stderr
+    )
+    assert "hint: this machine cannot check a process on elsewhere.example; wait for it, or if it" \
+        " died there, `modelfleet service delete shared --force` takes over" in refused.stderr
+    forced = cli("service", "delete", "shared", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "taking over (interrupted: the modelfleet process (pid 4242 on elsewhere.example)" in (
+        forced.stderr
+    )
+    assert registry.list_services() == []

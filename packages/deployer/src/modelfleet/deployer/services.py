@@ -163,7 +163,9 @@ class ServiceManager:
 
     def delete(self, name: str, progress: Progress = no_progress, *, force: bool = False) -> ServiceRecord:
         """Stop the service and forget it; `force` forgets it even if stopping fails."""
-        record, interrupted = self.registry.begin_operation(name, "delete")
+        record, interrupted = self.registry.begin_operation(
+            name, "delete", take_over_remote=force
+        )
         if interrupted is not None:
             progress(f"taking over ({interrupted.interrupted_detail()})")
         try:

@@ -57,9 +57,13 @@ class ProcessIdentity:
     def current(cls) -> ProcessIdentity:
         return cls(os.getpid(), _start_ticks(os.getpid()), socket.gethostname())
 
+    def is_remote(self) -> bool:
+        """Another host (or a container) sharing this home: its pids mean nothing here."""
+        return self.host != socket.gethostname()
+
     def is_alive(self) -> bool:
-        if self.host != socket.gethostname():
-            return True  # another machine sharing this home: we cannot tell, so assume it runs
+        if self.is_remote():
+            return True  # we cannot tell, so assume it runs (`service delete --force` overrides)
         if not _has_proc():
             try:
                 os.kill(self.pid, 0)
@@ -101,10 +105,15 @@ class ServiceOperation:
     def busy_message(self, service: str) -> str:
         return f"service {service!r} is being {_VERB[self.name]} by {self._by()} since {self._since()}"
 
-    def busy_hint(self) -> str:
+    def busy_hint(self, service: str) -> str:
+        if self.owner is not None and self.owner.is_remote():
+            return (
+                f"this machine cannot check a process on {self.owner.host}; wait for it, or if it "
+                f"died there, `modelfleet service delete {service} --force` takes over"
+            )
         stop = f" (kill {self.owner.pid})" if self.owner is not None else ""
         return f"wait for it to finish, or stop that command{stop} and try again"
 
     def interrupted_detail(self) -> str:
-        pid = f" (pid {self.owner.pid})" if self.owner is not None else ""
+        pid = f" ({self._by()})" if self.owner is not None else ""
         return f"interrupted: the modelfleet process{pid} running {self.name} died"

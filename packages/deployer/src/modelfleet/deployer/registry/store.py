@@ -544,7 +544,7 @@ class Registry:
             if row is not None:
                 running = _row_to_operation(row)
                 if running is not None and running.is_alive():
-                    raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint())
+                    raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint(name))
                 if running is None or running.name != "deploy":
                     state = row["state"] if running is None else "failed"
                     raise ServiceExistsError(f"service {name!r} already exists (state {state})")
@@ -572,13 +572,20 @@ class Registry:
         return stale
 
     def begin_operation(
-        self, name: str, operation: OperationName, *, models: Sequence[str] = ()
+        self,
+        name: str,
+        operation: OperationName,
+        *,
+        models: Sequence[str] = (),
+        take_over_remote: bool = False,
     ) -> tuple[ServiceRecord, ServiceOperation | None]:
         """Take the service's operation lock for this process, or raise ServiceBusyError.
 
         Returns the record as it was and the interrupted operation taken over
         (its owner died), if any. `models` (those an update puts in place) count
         as used from now on, checked to exist in the same transaction.
+        `take_over_remote` also takes a lock held on another host, whose
+        liveness cannot be checked from here.
         """
         now = time.time()
         me = ProcessIdentity.current()
@@ -587,8 +594,9 @@ class Registry:
             if row is None:
                 raise ServiceNotFoundError(f"service {name!r} does not exist")
             running = _row_to_operation(row)
-            if running is not None and running.is_alive():
-                raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint())
+            remote = running is not None and running.owner is not None and running.owner.is_remote()
+            if running is not None and running.is_alive() and not (remote and take_over_remote):
+                raise ServiceBusyError(running.busy_message(name), hint=running.busy_hint(name))
             if running is not None and running.name == "deploy" and operation == "update":
                 raise DeployerError(
                     f"service {name!r} was never fully deployed ({running.interrupted_detail()})",
