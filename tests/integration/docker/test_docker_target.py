@@ -250,3 +250,55 @@ def test_several_models_are_laid_out_as_azureml_does(
     body = answer.json()
     assert set(body) == {"digits", "digits-b"}
     assert body["digits"] == [0, 1, 2] and body["digits-b"] == [0, 1, 2]
+
+
+def test_server_runs_as_an_unprivileged_user_that_alone_reads_the_keys(
+    make_spec: SpecFactory, deployed: Deployed, docker_client: Any
+) -> None:
+    import stat
+
+    from modelfleet.deployer.docker_images import CONTAINER_UID
+    from modelfleet.deployer.targets.service_files import write_atomic
+
+    spec = make_spec()
+    record = deployed.deploy(spec)
+    container = docker_client.containers.get(record.target_data["container_id"])
+    assert container.attrs["Config"]["User"] == f"{CONTAINER_UID}:{CONTAINER_UID}"
+    # the server process itself (the child of docker-init), not only `docker exec`
+    code, out = container.exec_run(
+        ["sh", "-c", "id -u; id -un; for p in /proc/[0-9]*; do "
+         "grep -q modelfleet.scoring $p/cmdline 2>/dev/null && stat -c %u $p; done"]
+    )  # fmt: skip
+    assert code == 0, out
+    lines = out.decode().split()
+    assert lines[0] == str(CONTAINER_UID) and lines[1] == "modelfleet"
+    assert lines[2:] and set(lines[2:]) == {str(CONTAINER_UID)}, lines
+    for path, mode in [
+        (spec.workdir / "secrets", 0o700),
+        (spec.workdir / "secrets" / "keys.json", 0o600),
+        (spec.workdir / "secrets" / "admin.key", 0o600),
+    ]:
+        st = path.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (CONTAINER_UID, mode), path
+    # it reads its keys, cannot change the mounted workdir, owns its releases
+    code, out = container.exec_run(
+        ["sh", "-c", "cat /var/modelfleet/service/secrets/keys.json >/dev/null && "
+         "! touch /var/modelfleet/service/x 2>/dev/null && test -w /var/modelfleet/releases"]
+    )  # fmt: skip
+    assert code == 0, out
+    assert score(record, keys(spec)["primary"]).status_code == 200
+
+    # What `service regen-key` does: root rewrites the file atomically on the host.
+    # The new file keeps the server's ownership, and the server takes it with no restart.
+    started = docker_client.api.inspect_container(record.target_data["container_id"])["State"]
+    old = keys(spec)
+    path = spec.workdir / "secrets" / "keys.json"
+    write_atomic(path, json.dumps({"primary": old["primary"], "secondary": "regenerated-key-2"}))
+    assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (CONTAINER_UID, 0o600)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and score(record, "regenerated-key-2").status_code != 200:
+        time.sleep(0.2)
+    assert score(record, "regenerated-key-2").status_code == 200
+    assert score(record, old["secondary"]).status_code == 401
+    after = docker_client.api.inspect_container(record.target_data["container_id"])["State"]
+    assert after["StartedAt"] == started["StartedAt"] and after["Running"]

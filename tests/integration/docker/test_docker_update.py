@@ -66,6 +66,12 @@ def test_update_under_traffic_drops_nothing_and_survives_restart(
             time.sleep(0.05)
     assert traffic.failures == []
     assert traffic.ok > 40
+    # the swapped-in release belongs to the server's unprivileged user, as the image's did
+    code, out = docker_client.containers.get(record.target_data["container_id"]).exec_run(
+        ["sh", "-c", "id -u; stat -c %u /var/modelfleet/current/ /var/modelfleet/current/model"]
+    )
+    assert code == 0, out
+    assert out.decode().split() == ["10001"] * 3
     v2_answer = call(updated, key)
     assert v2_answer != v1_answer, "the new model answers differently"
     assert updated.models == ["digits:2"]

@@ -50,6 +50,10 @@ RELEASES_DIR = f"{APP_ROOT}/releases"
 CURRENT_LINK = f"{APP_ROOT}/current"
 VENV_DIR = "/opt/modelfleet/venv"
 CONTAINER_PORT = 5001
+# The unprivileged user the scoring server runs as in every service container;
+# fixed, so that the host can give it the keys files by uid.
+CONTAINER_USER = "modelfleet"
+CONTAINER_UID = 10001
 
 LABEL_KIND = "modelfleet.kind"
 LABEL_RUNTIME = "modelfleet.runtime"  # on service images: the runtime image id they build on
@@ -265,6 +269,11 @@ COPY local/ /tmp/modelfleet-wheels/
 RUN if ls /tmp/modelfleet-wheels/*.whl >/dev/null 2>&1; then \\
     {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off \\
     /tmp/modelfleet-wheels/*.whl; fi && rm -rf /tmp/modelfleet-wheels
+# The server's own user (no login, no password); written directly so that a
+# custom base image without useradd works too.
+RUN grep -q '^{user}:' /etc/passwd || {{ \\
+    echo '{user}:x:{uid}:{uid}:modelfleet scoring server:{app_root}:/usr/sbin/nologin' >> /etc/passwd \\
+    && echo '{user}:x:{uid}:' >> /etc/group; }}
 ENV PATH={venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
     PYTHONUNBUFFERED=1 \\
     LANG=C.UTF-8
@@ -280,7 +289,9 @@ def ensure_runtime_image(
 ) -> str:
     """Base + a venv with modelfleet-scoring and the user's requirements, offline."""
     base_id = client.images.get(base).id
-    dockerfile = _RUNTIME_DOCKERFILE.format(base=base_id, venv=VENV_DIR)
+    dockerfile = _RUNTIME_DOCKERFILE.format(
+        base=base_id, venv=VENV_DIR, user=CONTAINER_USER, uid=CONTAINER_UID, app_root=APP_ROOT
+    )
     key = _hash(["runtime-v4", base_id, scoring.key, user.key if user else "", dockerfile])
     tag = f"{RUNTIME_REPO}:{key[:16]}"
     if _image_exists(client, tag):
@@ -352,12 +363,16 @@ exec {venv}/bin/python -m modelfleet.scoring serve --host 0.0.0.0 --port {port} 
   --model-dir "$RELEASE/model" --model-name "$MODEL_NAME" --model-version "$MODEL_VERSION" "$@"
 """
 
+# The server runs as CONTAINER_UID, which owns the release folders: a hot-swap
+# copies a release in and moves `current` as that user (docker exec).
 _SERVICE_DOCKERFILE = """\
 FROM {runtime}
 {extra_steps}COPY launch.sh {app_root}/launch.sh
-COPY release/ {releases}/{release_id}/
-RUN chmod 0755 {app_root}/launch.sh && ln -sfn releases/{release_id} {current}
+COPY --chown={uid}:{uid} release/ {releases}/{release_id}/
+RUN chmod 0755 {app_root}/launch.sh && ln -sfn releases/{release_id} {current} \\
+    && chown -h {uid}:{uid} {app_root} {releases} {current}
 ENV MODELFLEET_MODEL_DIR={current}/model AZUREML_MODEL_DIR={current}/model
+USER {uid}:{uid}
 EXPOSE {port}
 ENTRYPOINT ["{app_root}/launch.sh"]
 """
@@ -382,12 +397,22 @@ class Release:
         return f"{RELEASES_DIR}/{self.id}/model"
 
     @contextlib.contextmanager
-    def tar(self) -> Iterator[IO[bytes]]:
+    def tar(self, owner: int = CONTAINER_UID) -> Iterator[IO[bytes]]:
         """The release as a tar whose single top folder is its id (for put_archive),
-        spooled through a temporary file so large models are not held in memory."""
+        spooled through a temporary file so large models are not held in memory.
+
+        Entries belong to `owner`, the server's user, as the image's own release does."""
+
+        def owned(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            normal = _normalise(info)
+            if normal is not None:
+                normal.uid = normal.gid = owner
+                normal.uname = normal.gname = ""
+            return normal
+
         with tempfile.TemporaryFile() as fh:
             with tarfile.open(fileobj=fh, mode="w") as tar:
-                tar.add(str(self.path), arcname=self.id, filter=_normalise)
+                tar.add(str(self.path), arcname=self.id, filter=owned)
             fh.seek(0)
             yield fh
 
@@ -532,7 +557,9 @@ def ensure_service_image(
     launcher = _LAUNCHER.format(current=CURRENT_LINK, venv=VENV_DIR, port=CONTAINER_PORT)
     dockerfile = _SERVICE_DOCKERFILE.format(
         runtime=runtime_id,
-        extra_steps=extra.dockerfile if extra is not None else "",
+        # USER root after the user's steps: they may switch user, the rest needs root.
+        extra_steps=f"{extra.dockerfile}USER root\n" if extra is not None else "",
+        uid=CONTAINER_UID,
         app_root=APP_ROOT,
         releases=RELEASES_DIR,
         release_id=release.id,
@@ -540,7 +567,7 @@ def ensure_service_image(
         port=CONTAINER_PORT,
     )
     key = _hash(
-        ["service-v3", runtime_id, release.id, launcher, dockerfile, extra_steps_key(extra)]
+        ["service-v4", runtime_id, release.id, launcher, dockerfile, extra_steps_key(extra)]
     )
     tag = f"{SERVICE_REPO}:{key[:16]}"
     if _image_exists(client, tag):

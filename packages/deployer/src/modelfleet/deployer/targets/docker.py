@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,7 +146,8 @@ class DockerTarget:
         tag, release, _built = self.build(spec, progress)
         port = spec.deployment.port or free_port()
         keys_file = write_keys(spec, spec.workdir)
-        write_admin_key(spec.workdir)
+        admin_key_file = write_admin_key(spec.workdir)
+        _give_to_server(spec.workdir, [keys_file, admin_key_file])
         progress(f"starting container {container_name} on 127.0.0.1:{port}")
         try:
             container = self._run(spec, tag, port, keys_file)
@@ -384,6 +386,35 @@ class DockerTarget:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _give_to_server(workdir: Path, secrets: list[Path | None]) -> None:
+    """Make the secrets readable by the container's unprivileged user and nobody else.
+
+    The workdir is bind-mounted, so ownership is by uid: the secrets folder and
+    files go to CONTAINER_UID with modes 0700/0600 (the host is root; later
+    atomic rewrites keep the owner, see service_files.write_atomic). The
+    workdir itself only needs to be traversable.
+    """
+    uid = images.CONTAINER_UID
+    files = [f for f in secrets if f is not None]
+    mode = workdir.stat().st_mode
+    if mode & 0o001 == 0:
+        workdir.chmod(stat.S_IMODE(mode) | 0o001)
+    folders = {f.parent for f in files}
+    try:
+        for path in [*folders, *files]:
+            os.chown(path, uid, uid)
+    except PermissionError as exc:
+        # Not root (a member of the docker group): the files cannot be given away.
+        raise DockerTargetError(
+            f"cannot hand the service's keys to the container user (uid {uid}): {exc}",
+            hint="run the docker target as root, as dockerd does",
+        ) from exc
+    for folder in folders:
+        folder.chmod(0o700)
+    for path in files:
+        path.chmod(0o600)
 
 
 def _container_name(service: str) -> str:

@@ -7,10 +7,12 @@ service workdir the same way; these are the pieces they share.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import socket
+import stat
 from pathlib import Path
 
 from modelfleet.deployer.errors import DeploymentError
@@ -21,10 +23,24 @@ ADMIN_KEY_FILE = Path("secrets") / "admin.key"
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Temp file + fsync + rename: the server never reads a half-written file."""
+    """Temp file + fsync + rename: the server never reads a half-written file.
+
+    Replacing a file keeps its owner and mode: a target may have handed it to
+    the server's own user (the docker target does), and a key rotation must
+    not take it back.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        old: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        old = None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    if old is not None:
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):  # only root may give a file away
+                os.fchown(fd, old.st_uid, old.st_gid)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
         fh.flush()
