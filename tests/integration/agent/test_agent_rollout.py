@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from agent_harness import Controller, RegistryHandle, wait_until  # type: ignore[import-not-found]
 from helpers_traffic import Traffic
 
+from modelfleet.agent.protocol import CommandRequest
 from modelfleet.deployer.samples import digits_rows
 
 pytestmark = pytest.mark.mqtt
@@ -245,3 +247,33 @@ def test_desired_no_model_unloads_then_the_model_comes_back(
     assert report.active is not None and report.active.version == 1
     assert serving_version(port) == "1"
     assert agent.terminate() == 0
+
+
+def test_commands_sent_while_the_device_is_offline_are_answered_when_it_returns(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-away", mosquitto.port, commands_max_age_s=600)
+    controller.wait_reported("dev-away", controller.desire("dev-away", v1), "applied")
+    d2 = controller.desire("dev-away", v2)
+    controller.wait_reported("dev-away", d2, "applied")
+    assert agent.terminate() == 0
+
+    # published while nobody is subscribed: only the device's persistent session holds them
+    topic = "modelfleet/v1/dev-away/commands"
+    fresh = CommandRequest("c-fresh", "get-state")
+    stale = CommandRequest("c-stale", "rollback", issued_at=time.time() - 3600)
+    controller.publish_raw(topic, stale.encode())
+    controller.publish_raw(topic, fresh.encode())
+    agent.start()
+
+    answer = wait_until(lambda: controller.responses.get("c-fresh"), 30, "the response to get-state")
+    assert answer.ok and answer.result is not None
+    assert (answer.result["$version"], answer.result["active"]["version"]) == (d2, 2)
+    expired = wait_until(lambda: controller.responses.get("c-stale"), 30, "the response to the stale rollback")
+    assert not expired.ok and (expired.error or "").startswith("expired: rollback was issued 36")
+    assert "commands.max_age_s of 600 s" in (expired.error or "")
+    assert "event=command name=rollback id=c-stale ok=False" in agent.log_text()
+    assert serving_version(agent.scoring_port) == "2"  # the rollback (to v1) was not carried out

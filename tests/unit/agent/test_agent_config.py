@@ -59,6 +59,7 @@ def test_env_alone_is_enough() -> None:
         ('[device]\nid = "d"\n', {"MODELFLEET_AGENT_BROKER_TLS": "maybe"}, r"broker\.tls \(from MODELFLEET_AGENT_BROKER_TLS\): expected bool"),
         ('[device]\nid = "d"\n[store]\ntrusted_keys = ["/nope.pem"]\n', {}, r"store\.trusted_keys: file not found: /nope\.pem"),
         ('[device]\nid = "d"\n[log]\nlevel = "LOUD"\n', {}, r"log\.level: must be DEBUG"),
+        ('[device]\nid = "d"\n[commands]\nmax_age_s = -1\n', {}, r"commands\.max_age_s: must be >= 0, got -1"),
         ("[device\n", {}, r"is not valid TOML"),
     ],
 )

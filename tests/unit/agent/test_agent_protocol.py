@@ -105,6 +105,18 @@ def test_presence_commands_and_telemetry_round_trip() -> None:
         CommandRequest.decode(b'{"name": "get-state"}')
 
 
+def test_command_carries_issued_at_and_its_age() -> None:
+    sent = CommandRequest.decode(CommandRequest("c1", "get-state").encode())
+    assert sent.issued_at > 0 and sent.age() is not None and 0 <= sent.age() < 60  # type: ignore[operator]
+    old = CommandRequest.decode(CommandRequest("c2", "rollback", issued_at=1000.0).encode())
+    assert old.age(now=1600.0) == 600.0
+    # a controller from before `issued_at`: no age, so never expired
+    legacy = CommandRequest.decode(b'{"protocol": 1, "id": "c3", "name": "get-state", "args": {}}')
+    assert legacy.issued_at == 0.0 and legacy.age() is None
+    with pytest.raises(ProtocolError, match="'issued_at' must be a number"):
+        CommandRequest.decode(b'{"id": "c4", "name": "get-state", "issued_at": "yesterday"}')
+
+
 def test_protocol_import_pulls_no_heavy_modules() -> None:
     code = (
         "import sys, modelfleet.agent.protocol as p;"

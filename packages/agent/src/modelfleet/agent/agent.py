@@ -13,7 +13,7 @@ from modelfleet.scoring import ModelHost, ScoringServer, ServerSettings
 from .config import AgentConfig
 from .errors import AgentError, ConfigError
 from .protocol import CommandRequest, CommandResponse, DesiredState, ReportedState, TelemetryBatch
-from .reconciler import Backoff, CommandError, Reconciler
+from .reconciler import Backoff, CommandError, CommandExpired, Reconciler
 from .state import StateFile
 from .store import ModelStore, TrustedKeys
 from .telemetry import TelemetryCollector, TelemetryQueue
@@ -169,7 +169,15 @@ class Agent:
 
     # --- commands -----------------------------------------------------------------------
     async def _command(self, request: CommandRequest) -> None:
+        max_age = self.config.commands_max_age_s
+        age = request.age()
         try:
+            if max_age and age is not None and age > max_age:
+                # queued at the broker while the device was offline: the sender gave up on it long ago
+                raise CommandExpired(
+                    f"expired: {request.name} was issued {age:.0f} s ago, longer than this device's "
+                    f"commands.max_age_s of {max_age:g} s; not carried out"
+                )
             if request.name == "get-state":
                 report = self.reconciler.last_report or await self.reconciler.republish()
                 result = {**report.to_dict(), "store": self.store.installed()}

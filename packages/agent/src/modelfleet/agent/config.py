@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .protocol import DEFAULT_PREFIX, check_device_id
 
 ENV_PREFIX = "MODELFLEET_AGENT_"
-SECTIONS = ("device", "broker", "store", "scoring", "telemetry", "reconcile", "log")
+SECTIONS = ("device", "broker", "store", "scoring", "telemetry", "reconcile", "commands", "log")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class AgentConfig:
     telemetry_batch_max: int = 50
     reconcile_retry_initial_s: float = 1.0
     reconcile_retry_max_s: float = 60.0
+    #: a command issued longer ago than this (queued while the device was offline) is answered
+    #: `expired` instead of carried out; 0 = no limit
+    commands_max_age_s: float = 600.0
     log_level: str = "INFO"
 
     @property
@@ -87,7 +90,7 @@ class AgentConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(_dotted(name), f"must be positive, got {getattr(self, name)}")
-        for name in ("store_reserve_mb", "store_download_limit_bps"):
+        for name in ("store_reserve_mb", "store_download_limit_bps", "commands_max_age_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(_dotted(name), f"must be >= 0, got {getattr(self, name)}")
         for name in ("broker_password_file", "store_token_file", "scoring_keys_file", "broker_ca_file"):

@@ -361,14 +361,29 @@ class Presence:
 
 @dataclass(frozen=True)
 class CommandRequest:
-    """A command to one device on `commands`; answered on `responses` with the same `id`."""
+    """A command to one device on `commands`; answered on `responses` with the same `id`.
+
+    `issued_at` (unix seconds, stamped by `encode`) lets a device that receives a command
+    late, from its persistent session after being offline, answer `expired` instead of
+    acting on it; 0 (absent on the wire) means unknown: never expired.
+    """
 
     id: str
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+    issued_at: float = 0.0
 
     def encode(self) -> bytes:
-        return _dump_json({"protocol": PROTOCOL_VERSION, "id": self.id, "name": self.name, "args": self.args})
+        return _dump_json({
+            "protocol": PROTOCOL_VERSION, "id": self.id, "name": self.name, "args": self.args,
+            "issued_at": self.issued_at or time.time(),
+        })
+
+    def age(self, now: float | None = None) -> float | None:
+        """Seconds since the command was issued (None when it carries no `issued_at`)."""
+        if not self.issued_at:
+            return None
+        return (time.time() if now is None else now) - self.issued_at
 
     @classmethod
     def decode(cls, payload: bytes | str) -> CommandRequest:
@@ -381,7 +396,7 @@ class CommandRequest:
             raise ProtocolError(f"{what}: 'name' must be a string")
         if not isinstance(args, dict):
             raise ProtocolError(f"{what}: 'args' must be an object")
-        return cls(cid, name, args)
+        return cls(cid, name, args, _num(data, "issued_at", what))
 
     @staticmethod
     def id_of(payload: bytes | str) -> str:

@@ -54,6 +54,10 @@ class CommandError(AgentError):
     """A command cannot be carried out; the message says why."""
 
 
+class CommandExpired(CommandError):
+    """A command arrived later than `commands.max_age_s` after it was issued (e.g. queued while offline)."""
+
+
 class Reconciler:
     """Owns the scoring host's active version and the persisted agent state."""
 

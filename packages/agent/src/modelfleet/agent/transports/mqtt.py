@@ -5,6 +5,10 @@ to the agent's event loop with `call_soon_threadsafe`, so the agent's own code
 is single-threaded. paho reconnects by itself; on every (re)connect the agent
 re-subscribes (the broker then re-sends the retained desired state), publishes
 its birth message and re-publishes its latest reported state.
+
+The session is persistent (clean_session=False under the device id as client
+id): the broker keeps the QoS 1 subscriptions while the device is away and
+queues the commands sent meanwhile, delivered when it comes back.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class MqttTransport:
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(client_id=s.device_id, clean_session=True, protocol=mqtt.MQTTv311)
+        # persistent: commands published while the device is offline wait for it at the broker
+        client = mqtt.Client(client_id=s.device_id, clean_session=False, protocol=mqtt.MQTTv311)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls or s.ca_file is not None:
