@@ -276,3 +276,28 @@ def test_an_agent_that_joins_during_a_rollout_gets_the_version_with_the_next_sta
     row = next(d for d in view["devices"] if d["device_id"] == joiner.device_id)
     assert (row["stage"], row["state"], row["joined"]) == (2, "applied", True)
     fleet.wait_device(joiner.device_id, lambda d: d.active == "digits:2", "the joiner on v2")
+
+
+def test_rollback_of_an_agent_that_had_no_model_unloads_it(fleet: Fleet, digits_onnx: Path) -> None:
+    [agent] = fleet.start_agents(1, prefix="fresh")
+    fleet.register("digits", digits_onnx)
+    view = rollout(fleet, "first", "--model", "digits:1", "--target", "*")
+    assert view["state"] == "succeeded", view["reason"]
+    port = agent.scoring_port
+    assert httpx.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS}, timeout=10).status_code == 200
+
+    done = fleet.cli("rollout", "rollback", "first")
+    assert done.returncode == 0, done.stderr
+
+    [row] = FleetStore(fleet.registry.home).devices("first")
+    assert row.state == "rolled_back" and row.previous is None
+    # the agent unloads and reports applied with nothing active, for the rollback's `$version`
+    back = fleet.wait_device(
+        agent.device_id,
+        lambda d: row.desired_version is not None and d.outcome(row.desired_version) == "applied",
+        "rolled back to no model",
+    )
+    assert back.active is None and back.serves_no_model_desired
+    assert httpx.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS}, timeout=10).status_code == 503
+    table = fleet.cli("rollout", "status", "first")
+    assert "(no model)" in table.stdout and "rolled back to no model (it had none before)" in table.stdout

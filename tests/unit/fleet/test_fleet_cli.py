@@ -229,3 +229,25 @@ def test_status_warns_when_a_soak_saw_no_traffic(run, tmp_path: Path) -> None:  
     code, out = run("rollout", "status", "r")
     assert code == 0
     assert "warning: stage 1: soak saw no traffic" in out
+
+
+def test_status_table_names_a_rollback_to_no_model(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("fresh-0")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend)
+    engine.create(RolloutSpec("r", v2))
+    engine.step("r")
+    backend.report("fresh-0", "failed", reason="ValueError: broken", stage="warmup")
+    assert engine.step("r").state == "failed"
+
+    code, out = run("rollout", "status", "r")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("fresh-0"))
+    assert "rolled_back" in row and "(no model)" in row
+    assert "rolled back to no model (it had none before)" in out

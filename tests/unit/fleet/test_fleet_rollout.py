@@ -655,3 +655,29 @@ def test_joining_devices_held_by_another_rollout_stay_out_and_nothing_joins_afte
     backend.add("dev-41", tags={"site": "b"})
     assert engine.step("r").state == "succeeded"
     assert "dev-41" not in engine.store.member_ids("r")
+
+
+def test_rolling_back_a_device_that_had_no_model_tells_it_to_serve_none(tmp_path: Path) -> None:
+    backend = MemoryFleetBackend()
+    for i in range(2):
+        backend.add(f"new-{i}")  # fresh devices: no desired state, nothing served
+    engine = RolloutEngine(FleetStore(tmp_path), backend)
+    engine.create(RolloutSpec("r", ref(2), stages=(50, 100)))
+    engine.step("r")
+    [canary] = engine.store.devices("r", states=("pending",))
+    backend.report(canary.device_id, "applied")
+    assert backend.device(canary.device_id).active == "digits:2"  # type: ignore[union-attr]
+    engine.step("r")
+    engine.abort("r")
+    r = engine.rollback("r")
+    assert r.state == "rolled_back"
+    dev, published, version = backend.published[-1]
+    assert (dev, published) == (canary.device_id, None)  # "model": null, with a fresh `$version`
+    [row] = engine.store.devices("r", states=("rolled_back",))
+    assert row.desired_version == version
+    assert row.reason == "rolled back to no model (it had none before): the device unloads the rollout's version"
+    backend.report(canary.device_id, "applied")  # the agent unloads and reports applied, nothing active
+    info = backend.device(canary.device_id)
+    assert info is not None and info.active is None and info.outcome(version) == "applied"
+    assert info.serves_no_model_desired
+    assert engine.status("r")["devices"][0]["previous"] is None

@@ -71,7 +71,7 @@ def _device_row(d: DeviceInfo) -> dict[str, Any]:
         "last_seen": _ago(d.last_seen),
         "model": d.active,
         "status": d.status,
-        "desired": d.desired.key if d.desired else None,
+        "desired": d.desired.key if d.desired else ("(no model)" if d.serves_no_model_desired else None),
         "tags": dict(d.tags),
         "error": f"{d.stage}: {d.reason}" if d.status == "failed" else None,
     }
@@ -187,7 +187,9 @@ def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
     notable = [d for d in view["devices"] if d["state"] in ("failed", "timeout", "late", "rolled_back")]
     if notable:
         typer.echo("")
-        emit_table(notable[:20], ["device_id", "stage", "state", "previous", "reason"])
+        # a rollback to "(no model)": the device had none before and now serves nothing
+        rows = [{**d, "previous": d["previous"] or "(no model)"} for d in notable[:20]]
+        emit_table(rows, ["device_id", "stage", "state", "previous", "reason"])
         if len(notable) > 20:
             typer.echo(f"... and {len(notable) - 20} more (see --output json)")
 

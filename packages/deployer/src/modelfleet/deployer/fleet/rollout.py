@@ -544,12 +544,18 @@ class RolloutEngine:
     def _roll_back(self, devices: list[RolloutDevice]) -> None:
         if not devices:
             return
-        self.backend.set_desired({d.device_id: d.previous for d in devices})
+        # a device that had no model before gets "serve no model" (twin protocol): it unloads
+        # the rollout's version and reports applied with nothing active
+        versions = self.backend.set_desired({d.device_id: d.previous for d in devices})
         for d in devices:
             d.reason = (d.reason + "; " if d.reason else "") + (
-                f"rolled back to {d.previous.key}" if d.previous else "rolled back (no previous model: desired cleared)"
+                f"rolled back to {d.previous.key}"
+                if d.previous
+                else "rolled back to no model (it had none before): the device unloads the rollout's version"
             )
             d.state = "rolled_back"
+            # the rollback's `$version`: the device's report on it confirms the rollback
+            d.desired_version = versions.get(d.device_id, d.desired_version)
         self.store.update_devices(devices)
 
     def _fail(self, r: Rollout, reason: str) -> Rollout:

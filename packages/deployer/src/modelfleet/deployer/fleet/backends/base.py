@@ -23,7 +23,8 @@ class DeviceInfo:
     online: bool = False
     last_seen: float | None = None
     tags: Mapping[str, Any] = field(default_factory=dict)
-    # the desired state currently held for the device (retained), and its `$version`
+    # the desired state currently held for the device (retained), and its `$version`;
+    # `desired` None with a `desired_version` is a desired state of "serve no model"
     desired: ModelVersionRef | None = None
     desired_version: int | None = None
     # the device's last report: which desired `$version` it is about, and how that went
@@ -47,6 +48,11 @@ class DeviceInfo:
         if self.applied_version is not None and self.applied_version >= desired_version:
             return "applied"
         return "pending"
+
+    @property
+    def serves_no_model_desired(self) -> bool:
+        """Whether the desired state held for the device says "serve no model"."""
+        return self.desired is None and self.desired_version is not None
 
     def document(self) -> dict[str, Any]:
         """The JSON-like document target queries run over (see docs/fleet.md)."""
@@ -113,7 +119,8 @@ class FleetBackend(Protocol):
         """One device, None when it never showed up."""
 
     def set_desired(self, assignments: Mapping[str, ModelVersionRef | None]) -> dict[str, int]:
-        """Publish desired states (None clears one); returns the `$version` issued per device."""
+        """Publish desired states; None is "serve no model" (the device unloads what it serves).
+        Returns the `$version` issued per device."""
 
     def telemetry(
         self, device_ids: Iterable[str], since: float, model: tuple[str, int] | None = None

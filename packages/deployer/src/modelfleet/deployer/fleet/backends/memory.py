@@ -39,7 +39,9 @@ class MemoryFleetBackend:
         """The device reports on its current desired state."""
         d = self._devices[device_id]
         applied = d.desired_version if status == "applied" else d.applied_version
+        # applying a desired state of "serve no model" (desired None) leaves nothing active
         active = d.desired if status == "applied" else None
+        keep = status != "applied"
         self._devices[device_id] = replace(
             d,
             status=status,
@@ -47,9 +49,9 @@ class MemoryFleetBackend:
             applied_version=applied,
             reason=reason,
             stage=stage,
-            active=active.key if active else d.active,
-            active_name=active.name if active else d.active_name,
-            active_version=active.version if active else d.active_version,
+            active=active.key if active else (d.active if keep else None),
+            active_name=active.name if active else (d.active_name if keep else None),
+            active_version=active.version if active else (d.active_version if keep else None),
         )
         self._log.add(device_id)
         self._changed.set()
@@ -71,7 +73,7 @@ class MemoryFleetBackend:
             version = self._next_version
             self._next_version += 1
             d = self._devices.get(device_id) or DeviceInfo(device_id)
-            self._devices[device_id] = replace(d, desired=ref, desired_version=version if ref else None)
+            self._devices[device_id] = replace(d, desired=ref, desired_version=version)
             self.published.append((device_id, ref, version))
             out[device_id] = version
         return out

@@ -229,8 +229,8 @@ class MqttFleetBackend:
             elif kind == "desired":
                 if self._echo.pop(device_id, None) == payload:
                     return  # our own publish coming back: already applied to our view
-                if not payload:
-                    d = replace(d, desired=None)
+                if not payload:  # cleared: nothing desired
+                    d = replace(d, desired=None, desired_version=None)
                 else:
                     s = DesiredState.decode(payload)
                     d = replace(d, desired=s.model, desired_version=s.version)
@@ -317,14 +317,12 @@ class MqttFleetBackend:
             topic = f"{self.settings.prefix}/{device_id}/desired"
             d = self._devices.get(device_id)
             version = max(base, (d.desired_version or 0) + 1 if d else 1)
-            if ref is None:
-                payload = b""
-            else:
-                doc = templates.get(id(ref))
-                if doc is None:
-                    doc = templates[id(ref)] = DesiredState(version, ref, issued_at=now).to_dict()
-                doc["$version"] = version
-                payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+            # None: "model": null, serve no model (twin protocol); templates[id(None)] serves them all
+            doc = templates.get(id(ref))
+            if doc is None:
+                doc = templates[id(ref)] = DesiredState(version, ref, issued_at=now).to_dict()
+            doc["$version"] = version
+            payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
             with self._lock:
                 self._echo[device_id] = payload
             info = self.client.publish(topic, payload, qos=1, retain=True)
@@ -335,7 +333,7 @@ class MqttFleetBackend:
             # our own view, before the broker echoes it back
             with self._lock:
                 cur = self._devices.get(device_id) or DeviceInfo(device_id)
-                self._devices[device_id] = replace(cur, desired=ref, desired_version=version if ref else None)
+                self._devices[device_id] = replace(cur, desired=ref, desired_version=version)
         self._wait_acks(mids, timeout=30.0)
         return out
 
