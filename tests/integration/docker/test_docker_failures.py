@@ -158,3 +158,26 @@ def test_base_image_build_without_root_says_what_to_do(
     with pytest.raises(DeploymentError, match="needs root") as err:
         docker_images.ensure_base_image(docker_client)
     assert "--base-image" in str(err.value)
+
+
+def test_ready_timeout_set_after_import_bounds_the_wait(
+    make_spec: SpecFactory,
+    docker_target: DockerTarget,
+    docker_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    src = script_dir(
+        tmp_path,
+        "import time\n\ndef init():\n    time.sleep(120)\n\ndef run(data):\n    return data\n",
+    )
+    spec = make_spec(inference=InferenceConfig(source_directory=src, entry_script="score.py"))
+    monkeypatch.setenv("MODELFLEET_DOCKER_READY_TIMEOUT", "2")
+    started = time.monotonic()
+    with pytest.raises(DeploymentError, match="not ready after 2s") as err:
+        docker_target.deploy(spec, lambda _line: None)
+    assert "MODELFLEET_DOCKER_READY_TIMEOUT" in err.value.hint
+    assert time.monotonic() - started < 60, "the 2 s bound, not the 120 s default"
+    assert containers_of(docker_client, spec.name) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import stat
 import time
@@ -45,11 +46,32 @@ WORKDIR_IN_CONTAINER = "/var/modelfleet/service"
 LABEL_SERVICE = "modelfleet.service"
 LABEL_TARGET = "modelfleet.target"
 LAST_LOG_LINES = 20
-READY_TIMEOUT_S = float(os.environ.get("MODELFLEET_DOCKER_READY_TIMEOUT", "120"))
+READY_TIMEOUT_ENV = "MODELFLEET_DOCKER_READY_TIMEOUT"
+DEFAULT_READY_TIMEOUT_S = 120.0
 
 
 class DockerTargetError(DeploymentError):
     """A Docker deployment failed; the message says which step and why."""
+
+
+def ready_timeout() -> float:
+    """Seconds to wait for a container (deploy) or a new version (update) to be ready.
+
+    Read when used, so a changed environment is honoured by a long-lived caller.
+    """
+    raw = os.environ.get(READY_TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_READY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise DockerTargetError(
+            f"{READY_TIMEOUT_ENV}={raw!r} is not a number of seconds above 0",
+            hint=f"set it to e.g. 300, or unset it for the default ({DEFAULT_READY_TIMEOUT_S:.0f})",
+        )
+    return value
 
 
 class DockerTarget:
@@ -127,6 +149,7 @@ class DockerTarget:
     def deploy(self, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
         import docker.errors
 
+        timeout = ready_timeout()  # a bad value fails before anything is built
         if spec.deployment.replicas != 1:
             raise DockerTargetError(
                 f"the docker target runs one container per service, not {spec.deployment.replicas}",
@@ -151,7 +174,7 @@ class DockerTarget:
         progress(f"starting container {container_name} on 127.0.0.1:{port}")
         try:
             container = self._run(spec, tag, port, keys_file)
-            _wait_ready(container, port, progress)
+            _wait_ready(container, port, progress, timeout)
         except BaseException:
             # Nothing half-created: no container, and no image only this attempt used.
             self._cleanup_failed_start(spec.name)
@@ -183,6 +206,7 @@ class DockerTarget:
         )
 
     def update(self, record: ServiceRecord, spec: ServiceSpec, progress: Progress) -> ServiceRecord:
+        timeout = ready_timeout()  # a bad value fails before anything is built
         container = self._container(record)
         data = dict(record.target_data)
         running = _runtime_of(self.client, str(data["image"]))
@@ -195,7 +219,7 @@ class DockerTarget:
             progress("nothing changed; the service keeps its current version")
             return record
         try:
-            self._hot_swap(container, data, tag, release, progress)
+            self._hot_swap(container, data, tag, release, progress, timeout)
         except BaseException:
             if tag not in (data.get("images") or [data.get("image")]):
                 images.remove_image_if_unused(self.client, tag)
@@ -222,6 +246,7 @@ class DockerTarget:
         tag: str,
         release: images.Release,
         progress: Progress,
+        timeout: float,
     ) -> None:
         """Copy `release` into the running container, load and warm it, then switch."""
         running = _runtime_of(self.client, str(data["image"]))
@@ -256,7 +281,7 @@ class DockerTarget:
                 "entry_script": release.entry_script,
                 "version": release.model_version,
             },
-            timeout=READY_TIMEOUT_S,
+            timeout=timeout,
             error=DockerTargetError,
             on_refused=drop_staged_release,
         )
@@ -445,8 +470,8 @@ def _is_ready(port: int) -> bool:
     return scoring_admin.is_ready(port, timeout=1.0)
 
 
-def _wait_ready(container: Any, port: int, progress: Progress) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def _wait_ready(container: Any, port: int, progress: Progress, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     progress("waiting for /v2/health/ready")
     while time.monotonic() < deadline:
         container.reload()
@@ -472,8 +497,9 @@ def _wait_ready(container: Any, port: int, progress: Progress) -> None:
         time.sleep(0.2)
     lines = _last_lines(container)
     raise DockerTargetError(
-        f"the scoring server was not ready after {READY_TIMEOUT_S:.0f}s; last log lines:\n"
-        + "\n".join(lines)
+        f"the scoring server was not ready after {timeout:.0f}s; last log lines:\n"
+        + "\n".join(lines),
+        hint=f"raise {READY_TIMEOUT_ENV} (seconds) for a slow init()",
     )
 
 
