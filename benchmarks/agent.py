@@ -34,14 +34,13 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import paho.mqtt.client as mqtt
 
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.agent.protocol import DesiredState, ReportedState, device_of
 from modelfleet.deployer.registry import Registry
 from modelfleet.deployer.registry.server import ArtifactServer
-from modelfleet.deployer.samples import digits_rows, make_digits_onnx
+from modelfleet.deployer.samples import digits_rows, make_digits_onnx, pad_onnx
 
 DEVICE = "bench-1"
 ROWS = digits_rows(1)
@@ -61,18 +60,6 @@ def wait(predicate: Any, timeout: float, what: str) -> Any:
             return value
         time.sleep(0.005)
     raise TimeoutError(what)
-
-
-def pad_onnx(source: Path, dest: Path, size: int, seed: int) -> Path:
-    model = onnx.load(str(source))
-    extra = max(0, size - source.stat().st_size) // 4
-    pad = onnx.numpy_helper.from_array(
-        np.random.default_rng(seed).random(extra, dtype=np.float32), name="modelfleet_padding"
-    )
-    model.graph.initializer.append(pad)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dest))
-    return dest
 
 
 def cpu_seconds(pid: int) -> float:

@@ -233,21 +233,6 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 
-def pad_onnx(source: Path, dest: Path, size: int) -> Path:
-    """A copy of an ONNX model grown to about `size` bytes by an unused initializer."""
-    import numpy as np
-    import onnx
-
-    model = onnx.load(str(source))
-    extra = max(0, size - source.stat().st_size) // 4
-    rng = np.random.default_rng(0)
-    pad = onnx.numpy_helper.from_array(rng.random(extra, dtype=np.float32), name="modelfleet_padding")
-    model.graph.initializer.append(pad)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dest))
-    return dest
-
-
 class StallingArtifactServer:
     """Serves one artifact (single Range requests honoured); the first response sends `stall_after`
     body bytes, then goes silent with the connection open until `release()` (a server that hangs)."""

@@ -15,12 +15,11 @@ from agent_harness import (  # type: ignore[import-not-found]
     Controller,
     RegistryHandle,
     StallingArtifactServer,
-    pad_onnx,
     wait_until,
 )
 
 from modelfleet.deployer.registry.signing import generate_key_pair
-from modelfleet.deployer.samples import digits_rows
+from modelfleet.deployer.samples import digits_rows, pad_onnx
 
 pytestmark = pytest.mark.mqtt
 ROWS = digits_rows(1)

@@ -50,6 +50,8 @@ def test_env_alone_is_enough() -> None:
     [
         ("", {}, r"config: device\.id: is required"),
         ('[device]\nid = "a/b"\n', {}, r"config: device\.id: device id 'a/b' is invalid"),
+        ('[device]\nid = "modelfleet-controller"\n', {}, r"config: device\.id: device id 'modelfleet-controller' is reserved"),
+        ('[device]\nid = "d"\n[store]\nallow_file_urls = "yes please"\n', {}, r"store\.allow_file_urls \(from .*\): expected bool"),
         ('[device]\nid = "d"\n[broker]\nhots = "x"\n', {}, r"config: broker\.hots: unknown key"),
         ('[devices]\nid = "d"\n', {}, r"config: devices: unknown section"),
         ('broker = "localhost"\n[device]\nid = "d"\n', {}, r"config: broker: must be a table \(\[broker\] with keys"),

@@ -39,6 +39,19 @@ def test_invalid_device_id_is_refused_with_the_rule(bad: str) -> None:
         Topics(bad)
 
 
+@pytest.mark.parametrize(("bad", "named"), [("site/dev", "'/'"), ("dev+1", "'\\+'"), ("dev#", "'#'")])
+def test_device_id_with_a_topic_wildcard_names_it(bad: str, named: str) -> None:
+    with pytest.raises(ProtocolError, match=rf"is invalid \({named}: MQTT topic separator or wildcard\)"):
+        Topics(bad)
+
+
+@pytest.mark.parametrize("reserved", ["modelfleet-controller", "modelfleet-controller-1a2b", "ModelFleet-Controller"])
+def test_device_id_of_the_fleet_controller_is_reserved(reserved: str) -> None:
+    with pytest.raises(ProtocolError, match=rf"device id '{reserved}' is reserved: ids starting with 'modelfleet-controller'"):
+        Topics(reserved)
+    assert Topics("modelfleet-device-1").device_id == "modelfleet-device-1"
+
+
 def test_foreign_topic_is_refused() -> None:
     with pytest.raises(ProtocolError, match="is not under"):
         device_of("other/dev/desired")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import io
 import os
 import socket
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from modelfleet.agent.errors import ArtifactError, ConfigError, Superseded
+from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.agent.store import ModelStore, TrustedKeys
 
 PAYLOAD = os.urandom(300_000)
@@ -157,6 +159,18 @@ def test_cancel_stops_a_stalled_download_at_once_and_keeps_its_bytes(
     store.fetch(ref)
     assert store.is_installed(ref)
     assert blob_server.ranges[-1] == f"bytes={len(PAYLOAD) // 2}-"
+
+
+def test_file_url_is_refused_unless_the_config_allows_it(tmp_path: Path) -> None:
+    blob = tmp_path / "model.onnx"
+    blob.write_bytes(PAYLOAD)
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    ref = ModelVersionRef(name="m", version=1, url=blob.as_uri(), sha256=sha, size=len(PAYLOAD))
+    with pytest.raises(ArtifactError, match=r"m:1: file:// artifact URLs are refused .*set store\.allow_file_urls = true") as info:
+        ModelStore(tmp_path / "store").fetch(ref)
+    assert info.value.stage == "download" and not info.value.transient
+    store = ModelStore(tmp_path / "store", allow_file_urls=True)
+    assert (store.fetch(ref) / "model.onnx").read_bytes() == PAYLOAD
 
 
 def _tar(members: list[tarfile.TarInfo], data: bytes = b"payload") -> bytes:

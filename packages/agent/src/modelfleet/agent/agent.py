@@ -71,6 +71,7 @@ class Agent:
             token=config.token(),
             rate_limit_bps=config.store_download_limit_bps,
             timeout_s=config.store_timeout_s,
+            allow_file_urls=config.store_allow_file_urls,
         )
         self.host = ModelHost()
         self.server = ScoringServer(

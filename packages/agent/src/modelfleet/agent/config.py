@@ -45,6 +45,8 @@ class AgentConfig:
     store_trusted_keys: list[Path] = field(default_factory=list)
     store_download_limit_bps: int = 0
     store_timeout_s: float = 30.0
+    #: file:// artifact URLs read local files: off unless a fleet serves artifacts from a shared mount
+    store_allow_file_urls: bool = False
     scoring_host: str = "127.0.0.1"
     scoring_port: int = 5001
     scoring_keys_file: Path | None = None

@@ -30,14 +30,25 @@ APPLY_STATUSES: tuple[str, ...] = ("applying", "applied", "failed")
 COMMANDS: tuple[str, ...] = ("get-state", "rollback", "restart-model")
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+#: the fleet controller's MQTT client ids start with this (`modelfleet-controller-<hex>`); a device
+#: with such an id (= its client id) would take over the controller's session or be kicked by it
+RESERVED_ID_PREFIX = "modelfleet-controller"
 
 
 def check_device_id(device_id: str) -> str:
-    """A device id is its MQTT user name and one topic level: no '/', '+', '#' or spaces."""
+    """A device id is its MQTT user name, client id and one topic level: no '/', '+', '#' or
+    spaces, and not a name reserved for the fleet controller."""
     if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+        special = sorted({c for c in str(device_id) if c in "/+#"})
+        why = f" ({', '.join(repr(c) for c in special)}: MQTT topic separator or wildcard)" if special else ""
         raise ProtocolError(
-            f"device id {device_id!r} is invalid: use 1-128 letters, digits, '.', '_', ':' or '-', "
+            f"device id {device_id!r} is invalid{why}: use 1-128 letters, digits, '.', '_', ':' or '-', "
             "starting with a letter or digit"
+        )
+    if device_id.lower().startswith(RESERVED_ID_PREFIX):
+        raise ProtocolError(
+            f"device id {device_id!r} is reserved: ids starting with {RESERVED_ID_PREFIX!r} are the fleet "
+            "controller's MQTT client ids"
         )
     return device_id
 

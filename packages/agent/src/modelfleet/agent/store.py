@@ -127,8 +127,10 @@ class ModelStore:
         token: str | None = None,
         rate_limit_bps: int = 0,
         timeout_s: float = 30.0,
+        allow_file_urls: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.allow_file_urls = allow_file_urls
         self.reserve_bytes = reserve_bytes
         self.trusted_keys = trusted_keys or TrustedKeys()
         self.token = token
@@ -163,6 +165,16 @@ class ModelStore:
     # --- the pipeline -------------------------------------------------------------
     def fetch(self, ref: ModelVersionRef, cancel: threading.Event | None = None) -> Path:
         """Make `ref` installed (download, verify, install); its model folder. Idempotent."""
+        if not ref.url.startswith(("http://", "https://")) and not (
+            self.allow_file_urls and ref.url.startswith("file://")
+        ):
+            # a desired state must not make the device read (and serve) whatever local file it names
+            scheme = ref.url.partition(":")[0]
+            raise ArtifactError(
+                "download",
+                f"{ref.key}: {scheme}:// artifact URLs are refused ({ref.url}); this device downloads over "
+                "http(s) only (set store.allow_file_urls = true to allow file:// URLs)",
+            )
         if self.trusted_keys:
             # the signature covers the digest, so a bad one is refused before any byte is fetched
             self.trusted_keys.check(ref)

@@ -48,3 +48,19 @@ def digits_rows(n: int = 1) -> list[list[float]]:
 
     data = load_digits().data[:n]
     return [[float(v) for v in row] for row in data]
+
+
+def pad_onnx(source: Path, dest: Path, size: int, *, seed: int = 0) -> Path:
+    """A copy of an ONNX model grown to about `size` bytes by an unused initializer (a bigger
+    artifact that loads and answers like `source`; `seed` varies the bytes, hence the sha256)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    extra = max(0, size - source.stat().st_size) // 4
+    pad = numpy_helper.from_array(np.random.default_rng(seed).random(extra, dtype=np.float32), name="modelfleet_padding")
+    model.graph.initializer.append(pad)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest))
+    return dest
