@@ -251,3 +251,62 @@ def test_status_table_names_a_rollback_to_no_model(run, tmp_path: Path) -> None:
     row = next(line for line in out.splitlines() if line.startswith("fresh-0"))
     assert "rolled_back" in row and "(no model)" in row
     assert "rolled back to no model (it had none before)" in out
+
+
+def _stored(url: str) -> object:
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.operations import backend_record
+    from modelfleet.deployer.fleet.store import Rollout
+
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    return Rollout("r", v2, "*", [100], 0.0, 0.0, 60.0, 0.05, None, backend_record(url))
+
+
+def test_a_rollout_stores_the_broker_url_and_user_never_the_password(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from modelfleet.deployer.fleet.operations import backend_record, broker_url
+
+    assert backend_record("mqtt://ctl:s3cret@10.0.0.5:1884") == {"kind": "mqtt", "url": "mqtt://10.0.0.5:1884", "username": "ctl"}
+    monkeypatch.delenv("MODELFLEET_MQTT_URL", raising=False)
+    monkeypatch.delenv("MODELFLEET_BROKER_PASSWORD", raising=False)
+    r = _stored("mqtt://ctl:s3cret@10.0.0.5:1884")
+    assert broker_url(None, r) == "mqtt://ctl@10.0.0.5:1884"  # no password known: the broker will say so
+    monkeypatch.setenv("MODELFLEET_BROKER_PASSWORD", "p@ss:word")
+    assert broker_url(None, r) == "mqtt://ctl:p%40ss%3Aword@10.0.0.5:1884"
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    assert broker_url(None, r, secret) == "mqtt://ctl:from-file@10.0.0.5:1884"  # the file wins
+    # --broker (or $MODELFLEET_MQTT_URL) overrides the stored connection; a password in it wins over the env
+    assert broker_url("mqtt://other:inline@127.0.0.1:1883", r) == "mqtt://other:inline@127.0.0.1:1883"
+    monkeypatch.setenv("MODELFLEET_MQTT_URL", "mqtts://ops@broker.example:8883")
+    assert broker_url(None, r) == "mqtts://ops:p%40ss%3Aword@broker.example:8883"
+    from modelfleet.deployer.fleet.backends.mqtt import MqttFleetSettings
+
+    settings = MqttFleetSettings.from_url(broker_url(None, r))
+    assert (settings.username, settings.password, settings.tls) == ("ops", "p@ss:word", True)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read it: No such file or directory"),
+        ("\n", "is empty"),
+    ],
+)
+def test_bad_broker_password_file_is_one_clear_error(run, tmp_path: Path, content: str | None, message: str) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "secret"
+    if content is not None:
+        secret.write_text(content)
+    code, out = run("devices", "--broker", "mqtt://ctl@127.0.0.1:1", "--broker-password-file", str(secret))
+    assert code != 0
+    assert f"error: --broker-password-file {secret}" in out and message in out
+    assert "Traceback" not in out
+
+
+def test_a_password_file_without_a_user_is_refused(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    code, out = run("devices", "--broker", "mqtt://127.0.0.1:1", "--broker-password-file", str(secret))
+    assert code != 0
+    assert "the broker URL mqtt://127.0.0.1:1 names no user" in out
+    assert "hint: give the user in the URL, e.g. --broker mqtt://USER@host:1883" in out
+    assert "s3cret" not in out

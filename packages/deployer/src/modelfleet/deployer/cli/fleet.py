@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -43,10 +44,16 @@ BrokerOption = typer.Option(
     None, "--broker", help="fleet broker URL, mqtt://host:port (default $MODELFLEET_MQTT_URL or mqtt://127.0.0.1:1883)"
 )
 
+PasswordFileOption = typer.Option(
+    None,
+    "--broker-password-file",
+    help="file holding the broker password for the user in the broker URL (default $MODELFLEET_BROKER_PASSWORD)",
+)
+
 
 @contextmanager
-def _backend(broker: str | None, rollout: Rollout | None = None) -> Iterator[FleetBackend]:
-    backend = ops.open_backend(ops.broker_url(broker, rollout))
+def _backend(broker: str | None, rollout: Rollout | None = None, password_file: Path | None = None) -> Iterator[FleetBackend]:
+    backend = ops.open_backend(ops.broker_url(broker, rollout, password_file))
     try:
         yield backend
     finally:
@@ -84,12 +91,13 @@ def _device_row(d: DeviceInfo) -> dict[str, Any]:
 def devices(
     where: str = typer.Option(None, "--where", "-w", help="target condition, e.g. \"tags.site = 'plant-1'\""),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Every known device: tags, online/offline, last seen, model and status, last error."""
     if where:
         parse_query(where)  # a malformed query fails before the broker is contacted
-    with _backend(broker) as backend:
+    with _backend(broker, None, password_file) as backend:
         found = ops.list_devices(FleetStore(), backend, where)
     if output is OutputFormat.json:
         emit_json([d.to_dict() for d in found])
@@ -102,13 +110,14 @@ def tag(
     device_id: str = typer.Argument(..., metavar="DEVICE"),
     pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...", help="KEY= (empty) removes a tag"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Set central tags on a device (they win over the tags the device declares)."""
     tags = parse_pairs(pairs, "tag")
     for key in tags:  # before the broker is contacted
         check_tag_key(key)
-    with _backend(broker) as backend:
+    with _backend(broker, None, password_file) as backend:
         info = ops.tag_device(FleetStore(), backend, device_id, tags)
     if output is OutputFormat.json:
         emit_json(info.to_dict())
@@ -120,10 +129,11 @@ def tag(
 def device_show(
     device_id: str = typer.Argument(..., metavar="DEVICE"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Everything known about one device."""
-    with _backend(broker) as backend:
+    with _backend(broker, None, password_file) as backend:
         info = ops.get_device(FleetStore(), backend, device_id)
     if output is OutputFormat.json:
         emit_json({**info.to_dict(), "document": info.document()})
@@ -139,12 +149,13 @@ def device_set(
     entry_script: str = typer.Option(None, "--entry-script", help="entry script inside a folder model, e.g. score.py"),
     wait: str = typer.Option("30s", "--wait", help="how long to wait for the device's report (0: do not wait)"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Point one device at a model version (for debugging; rollouts are the normal way)."""
     wait_s = parse_duration(wait, "--wait")
     ref = ops.resolve_model(model, artifact_url, entry_script=entry_script)
-    with _backend(broker) as backend:
+    with _backend(broker, None, password_file) as backend:
         info = ops.set_device_model(FleetStore(), backend, device_id, ref, wait_s=wait_s)
     if output is OutputFormat.json:
         emit_json(info.to_dict())
@@ -250,6 +261,7 @@ def rollout_create(
     entry_script: str = typer.Option(None, "--entry-script", help="entry script inside a folder model, e.g. score.py"),
     wait: bool = typer.Option(False, "--wait", help="drive the rollout in this process until it ends"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Roll a model version out to the devices matching --target, stage by stage."""
@@ -261,7 +273,7 @@ def rollout_create(
     check_request_count(min_soak_requests, "--min-soak-requests")
     parse_query(target)  # a malformed target fails before anything is contacted
     ref = ops.resolve_model(model, artifact_url, entry_script=entry_script)
-    url = ops.broker_url(broker)
+    url = ops.broker_url(broker, None, password_file)
     spec = RolloutSpec(
         name=name,
         model=ref,
@@ -288,6 +300,7 @@ def rollout_status(
     name: str = typer.Argument(..., metavar="NAME"),
     watch: bool = typer.Option(False, "--watch", help="refresh until the rollout stops"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Progress per stage, the reason of a halt, devices that failed or were rolled back.
@@ -309,7 +322,7 @@ def rollout_status(
     timed_out = sum(1 for d in view["devices"] if d["state"] == "timeout")
     if timed_out:
         try:
-            with _backend(broker, store.get(name)) as backend:
+            with _backend(broker, store.get(name), password_file) as backend:
                 ops.check_late(store, backend, name)
             view = engine.status(name)
         except DeployerError as exc:
@@ -357,12 +370,13 @@ def rollout_resume(
     name: str = typer.Argument(..., metavar="NAME"),
     wait: bool = typer.Option(False, "--wait", help="drive the rollout in this process until it ends"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Continue a paused rollout, or one whose controlling process died."""
     store = FleetStore()
     r = store.get(name)
-    url = ops.broker_url(broker, r)
+    url = ops.broker_url(broker, r, password_file)
     engine = RolloutEngine(store, _NoBackend())
     with engine.lease(name):  # a live controller: say so, rather than start one that exits at once
         pass
@@ -381,11 +395,12 @@ def rollout_abort(name: str = typer.Argument(..., metavar="NAME"), output: Outpu
 def rollout_rollback(
     name: str = typer.Argument(..., metavar="NAME"),
     broker: str = BrokerOption,
+    password_file: Path = PasswordFileOption,
     output: OutputFormat = OutputOption,
 ) -> None:
     """Put every device the rollout touched back on its previous version."""
     store = FleetStore()
-    with _backend(broker, store.get(name)) as backend:
+    with _backend(broker, store.get(name), password_file) as backend:
         r = RolloutEngine(store, backend).rollback(name)
     _done(r, output)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from modelfleet.agent.modelref import ModelRefError, ModelVersionRef
 from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
@@ -36,15 +37,61 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_ARTIFACT_URL = "http://127.0.0.1:8470"
 
 
-def broker_url(explicit: str | None = None, rollout: Rollout | None = None) -> str:
-    """--broker, else $MODELFLEET_MQTT_URL, else the rollout's own, else the local default."""
+PASSWORD_ENV = "MODELFLEET_BROKER_PASSWORD"
+
+
+def broker_url(
+    explicit: str | None = None, rollout: Rollout | None = None, password_file: Path | None = None
+) -> str:
+    """The broker URL a command connects with, credentials included.
+
+    Where: --broker, else $MODELFLEET_MQTT_URL, else the rollout's stored connection (URL and
+    user name), else the local default. The password, when the URL names a user: the
+    --broker-password-file, else the one in the URL, else $MODELFLEET_BROKER_PASSWORD."""
     if explicit:
-        return explicit
-    if os.environ.get("MODELFLEET_MQTT_URL"):
-        return os.environ["MODELFLEET_MQTT_URL"]
-    if rollout is not None and rollout.backend.get("url"):
-        return str(rollout.backend["url"])
-    return DEFAULT_BROKER
+        url = explicit
+    elif os.environ.get("MODELFLEET_MQTT_URL"):
+        url = os.environ["MODELFLEET_MQTT_URL"]
+    elif rollout is not None and rollout.backend.get("url"):
+        url = _with_credentials(str(rollout.backend["url"]), rollout.backend.get("username"), None)
+    else:
+        url = DEFAULT_BROKER
+    from_file = _read_password_file(password_file) if password_file is not None else None
+    parts = urlsplit(url)
+    if not parts.username:
+        if from_file is not None:
+            raise FleetError(
+                f"--broker-password-file {password_file}: the broker URL {_without_credentials(url)} names no user",
+                hint="give the user in the URL, e.g. --broker mqtt://USER@host:1883",
+            )
+        return url  # MQTT sends a password only with a user name
+    password = from_file or (unquote(parts.password) if parts.password else None) or os.environ.get(PASSWORD_ENV)
+    return _with_credentials(url, unquote(parts.username), password or None)
+
+
+def _read_password_file(path: Path) -> str:
+    try:
+        password = path.read_text().strip()
+    except OSError as exc:
+        raise FleetError(f"--broker-password-file {path}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise FleetError(f"--broker-password-file {path}: not a text file") from None
+    if not password:
+        raise FleetError(f"--broker-password-file {path} is empty", hint="write the broker password in it, one line")
+    return password
+
+
+def _with_credentials(url: str, username: str | None, password: str | None) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    if username:
+        auth = quote(username, safe="") + (":" + quote(password, safe="") if password else "")
+        host = f"{auth}@{host}"
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def _without_credentials(url: str) -> str:
+    return _with_credentials(url, None, None)
 
 
 def open_backend(url: str) -> FleetBackend:
@@ -55,10 +102,14 @@ def open_backend(url: str) -> FleetBackend:
 
 
 def backend_record(url: str) -> dict[str, Any]:
-    """What a rollout remembers about its backend (never credentials)."""
+    """What a rollout remembers about its backend: the URL and user name, never the password."""
     from modelfleet.deployer.fleet.backends.mqtt import MqttFleetSettings
 
-    return {"kind": "mqtt", "url": MqttFleetSettings.from_url(url).url}
+    settings = MqttFleetSettings.from_url(url)
+    record: dict[str, Any] = {"kind": "mqtt", "url": settings.url}
+    if settings.username:
+        record["username"] = settings.username
+    return record
 
 
 # ---------------------------------------------------------------- devices

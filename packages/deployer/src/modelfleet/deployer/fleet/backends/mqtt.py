@@ -152,7 +152,10 @@ class MqttFleetBackend:
             why = mqtt.connack_string(rc) if rc else "no answer"
             raise FleetError(
                 f"the MQTT broker at {s.url} refused the connection: {why}",
-                hint="check the user and password in --broker mqtt://user:password@host:port (or MODELFLEET_MQTT_URL)",
+                hint=(
+                    "check the user and password in --broker mqtt://user:password@host:port (or MODELFLEET_MQTT_URL); "
+                    "the password may also come from --broker-password-file or MODELFLEET_BROKER_PASSWORD"
+                ),
             )
         if not self._synced.wait(max(0.0, deadline - time.monotonic())):
             self.close()
