@@ -681,3 +681,33 @@ def test_rolling_back_a_device_that_had_no_model_tells_it_to_serve_none(tmp_path
     assert info is not None and info.active is None and info.outcome(version) == "applied"
     assert info.serves_no_model_desired
     assert engine.status("r")["devices"][0]["previous"] is None
+
+
+def test_a_fleet_database_from_before_gains_the_new_columns(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    from modelfleet.deployer.fleet import store as store_module
+
+    old_schema = "\n".join(
+        line
+        for line in store_module._SCHEMA.splitlines()
+        if not any(f"    {col} " in line for cols in store_module._ADDED_COLUMNS.values() for col in cols)
+    )
+    with sqlite3.connect(tmp_path / "registry.db") as db:
+        db.executescript(old_schema)
+        db.execute(
+            "INSERT INTO fleet_rollouts (name, model, target, stages, max_failure, soak_s, timeout_s, max_error_rate, "
+            "state, created_at, updated_at) VALUES ('old', ?, '*', '[100]', 0, 0, 60, 0.05, 'succeeded', 1, 1)",
+            (json.dumps(ref(2).to_dict()),),
+        )
+        db.execute(
+            "INSERT INTO fleet_rollout_devices (rollout, device_id, position, stage, state, updated_at) "
+            "VALUES ('old', 'dev-00', 0, 0, 'applied', 1)"
+        )
+        assert "joined" not in {row[1] for row in db.execute("PRAGMA table_info(fleet_rollout_devices)")}
+    fleet_store = FleetStore(tmp_path)
+    r = fleet_store.get("old")
+    assert (r.state, r.min_soak_requests, r.stage_elapsed_s) == ("succeeded", 0, 0.0)
+    assert [(d.device_id, d.joined) for d in fleet_store.devices("old")] == [("dev-00", False)]
+    FleetStore(tmp_path)  # opening it again changes nothing
