@@ -310,3 +310,26 @@ def test_a_password_file_without_a_user_is_refused(run, tmp_path: Path) -> None:
     assert "the broker URL mqtt://127.0.0.1:1 names no user" in out
     assert "hint: give the user in the URL, e.g. --broker mqtt://USER@host:1883" in out
     assert "s3cret" not in out
+
+
+def test_status_of_a_paused_rollout_shows_the_watched_time_of_its_stage(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("dev-0")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    now = [1000.0]
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend, clock=lambda: now[0])
+    engine.create(RolloutSpec("r", v2, timeout_s=600))
+    engine.step("r")
+    now[0] += 42
+    engine.step("r")
+    engine.pause("r")
+    now[0] += 900
+
+    code, out = run("rollout", "status", "r")
+    assert code == 0
+    assert "1 of 1 (deploying, 42s of the 600s timeout)" in out

@@ -181,7 +181,7 @@ def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
             "target": view["target"],
             "state": view["state"],
             "stage": f"{view['stage']} of {len(view['stages'])}"
-            + (f" ({view['phase']})" if view["state"] in ("running", "paused") else ""),
+            + (f" ({_clock(view)})" if view["state"] in ("running", "paused") else ""),
             "reason": view["reason"],
         }
     )
@@ -203,6 +203,13 @@ def _render_status(view: dict[str, Any], output: OutputFormat) -> None:
         emit_table(rows, ["device_id", "stage", "state", "previous", "reason"])
         if len(notable) > 20:
             typer.echo(f"... and {len(notable) - 20} more (see --output json)")
+
+
+def _clock(view: dict[str, Any]) -> str:
+    """Where the current stage stands on its clocks (watched time: pauses are not counted)."""
+    if view["phase"] == "soaking":
+        return f"soaking, {view['soak_elapsed_s']:.0f}s of {view['soak_s']:g}s"
+    return f"deploying, {view['stage_elapsed_s']:.0f}s of the {view['timeout_s']:g}s timeout"
 
 
 def _timing(view: dict[str, Any], stage: int) -> dict[str, Any]:
