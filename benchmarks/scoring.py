@@ -197,9 +197,12 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, ready: st
         assert r.status_code == 200 and "probabilities" in r.json(), r.text
         rows = {c: wrk(port, lua, c, args.duration, args.load_cpus) for c in CONCURRENCY}
         rss = rss_mib(proc.pid)
+        placement = None
+        if ready == "/v2/health/ready":  # ours: where the model ended up being scored
+            placement = httpx.get(f"http://127.0.0.1:{port}/v2/models/model").json().get("parameters")
     finally:
         stop(proc)
-    return {"name": name, "startup_s": startup, "rss_mib": rss, "rows": rows}
+    return {"name": name, "startup_s": startup, "rss_mib": rss, "rows": rows, "placement": placement}
 
 
 def main() -> None:
@@ -285,12 +288,21 @@ def run(args: argparse.Namespace, work: Path) -> None:
         bad = sum(rows[c]["non2xx"] + rows[c]["socket_errors"] for c in CONCURRENCY)
         if bad:
             line += f"  (errors: {bad:.0f})"
+        placement = res.get("placement")
+        if isinstance(placement, dict):
+            line += f"  [{placement.get('placement')}{', moved to the pool' if placement.get('moved_to_pool') else ''}]"
         print(line)
     if len(results) == 3:
         ours, azml = results[0]["rows"], results[2]["rows"]
         assert isinstance(ours, dict) and isinstance(azml, dict)
         ratios = "  ".join(f"c={c}: {ours[c]['rps'] / azml[c]['rps']:.1f}x" for c in CONCURRENCY)
         print(f"\nno-code vs azmlinfsrv: {ratios}")
+    # the machine is shared: runs compare by their ratio to the ceiling measured in the same run
+    shares = "  ".join(
+        f"{res['name']}: {res['rows'][8]['rps'] / ceil['json_ort_json']:.1%}"  # type: ignore[index]
+        for res in results if str(res["name"]).startswith("modelfleet")
+    )
+    print(f"c=8 as a share of the in-process decode + run + encode ceiling: {shares}")
     if args.json:
         args.json.write_text(json.dumps({"ceiling": ceil, "results": results}, indent=2, default=str))
 

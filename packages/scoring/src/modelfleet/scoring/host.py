@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,15 @@ log = logging.getLogger("modelfleet.scoring.host")
 MODEL_SUFFIXES = tuple(NO_CODE_RUNTIMES)
 #: fast calls in a row before a pool model moves inline
 PROMOTE_AFTER = 64
-#: an inline call slower than this many times the threshold moves the model to the pool
-DEMOTE_FACTOR = 20
-#: slow inline calls, within a window of calls, that move a model to the pool
+#: slow inline calls that move a model to the pool (one can be the machine's fault)
 DEMOTE_AFTER = 3
+#: "slow": an inline call over SLOW_FACTOR x the inline threshold (5 ms by default);
+#: DEMOTE_AFTER of them within DEMOTE_RECENT inline calls demote the model
+SLOW_FACTOR = 5
+DEMOTE_RECENT = 8
+#: "very slow": over VERY_SLOW_FACTOR x the threshold (20 ms); DEMOTE_AFTER of them
+#: within DEMOTE_WINDOW inline calls demote a model that is only now and then slow
+VERY_SLOW_FACTOR = 20
 DEMOTE_WINDOW = 1000
 
 
@@ -113,12 +119,16 @@ class LoadedModel:
         self.inline = warmup_s is not None and warmup_s < inline_threshold_s and not runtime.raw
         self.inline_threshold_s = inline_threshold_s
         # A model without a warm-up sample starts in the pool and moves inline once
-        # PROMOTE_AFTER calls in a row ran under the threshold; one slow inline call
-        # sends it back to the pool for good.
+        # PROMOTE_AFTER calls in a row ran under the threshold; slow inline calls
+        # (observe_inline_call) send it to the pool for good.
         self.pool_only = False
         self._fast_streak = 0
         self._inline_calls = 0
-        self._slow_calls = 0
+        self._slow_s = SLOW_FACTOR * inline_threshold_s
+        self._very_slow_s = VERY_SLOW_FACTOR * inline_threshold_s
+        # call numbers of the last DEMOTE_AFTER slow / very slow inline calls
+        self._slow_at: deque[int] = deque(maxlen=DEMOTE_AFTER)
+        self._very_slow_at: deque[int] = deque(maxlen=DEMOTE_AFTER)
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -142,23 +152,30 @@ class LoadedModel:
         return False
 
     def observe_inline_call(self, seconds: float) -> bool:
-        """Record an inline call; True when slow calls moved the model to the pool.
+        """Record an inline call; True when slow calls just moved the model to the pool.
 
-        One slow call can be the machine's fault (preemption, a GC pause), so it
-        takes DEMOTE_AFTER slow calls within DEMOTE_WINDOW calls.
+        An inline call blocks the event loop (health checks, every other request)
+        while it runs, and is not covered by the scoring timeout; in the pool it is.
+        One slow call is often the machine's fault (this thread preempted on a busy
+        host: measured here under load, ~1 call in 20,000 of a 10 us model took
+        over 5 ms), so it takes DEMOTE_AFTER slow calls among DEMOTE_RECENT, or
+        DEMOTE_AFTER very slow ones among DEMOTE_WINDOW.
         """
         self._inline_calls += 1
-        if self._inline_calls >= DEMOTE_WINDOW:
-            self._inline_calls = 0
-            self._slow_calls = 0
-        if seconds <= DEMOTE_FACTOR * self.inline_threshold_s:
+        if seconds <= self._slow_s:
             return False
-        self._slow_calls += 1
-        if self._slow_calls >= DEMOTE_AFTER:
-            self.inline = False
-            self.pool_only = True
-            return True
-        return False
+        n = self._inline_calls
+        self._slow_at.append(n)
+        if seconds > self._very_slow_s:
+            self._very_slow_at.append(n)
+        if not (
+            (len(self._slow_at) == DEMOTE_AFTER and n - self._slow_at[0] < DEMOTE_RECENT)
+            or (len(self._very_slow_at) == DEMOTE_AFTER and n - self._very_slow_at[0] < DEMOTE_WINDOW)
+        ):
+            return False
+        self.inline = False
+        self.pool_only = True
+        return True
 
     def acquire(self) -> None:
         with self._lock:

@@ -30,6 +30,8 @@ class ScoringMetrics:
         self.model_version = ""
         self.swaps = 0
         self.load_failures = 0
+        #: models moved from inline (event loop) scoring to the thread pool after slow calls
+        self.moved_to_pool = 0
         self._lock = threading.Lock()
 
     def observe(self, status: int, seconds: float) -> None:
@@ -62,10 +64,14 @@ class ScoringMetrics:
             "model_version": self.model_version,
             "swaps": self.swaps,
             "load_failures": self.load_failures,
+            "moved_to_pool": self.moved_to_pool,
         }
 
-    def prometheus(self, inflight: int = 0) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
+    def prometheus(self, inflight: int = 0, inline: bool | None = None) -> str:
+        """The Prometheus text exposition format (version 0.0.4).
+
+        `inline`: whether the active model is scored on the event loop (None: no model).
+        """
         lines = [
             "# HELP modelfleet_score_requests_total Scoring requests by HTTP status.",
             "# TYPE modelfleet_score_requests_total counter",
@@ -100,13 +106,22 @@ class ScoringMetrics:
             "# HELP modelfleet_model_load_failures_total Model versions refused at load or warm-up.",
             "# TYPE modelfleet_model_load_failures_total counter",
             f"modelfleet_model_load_failures_total {self.load_failures}",
+            "# HELP modelfleet_model_moved_to_pool_total Models moved from inline scoring to the thread pool after slow calls.",
+            "# TYPE modelfleet_model_moved_to_pool_total counter",
+            f"modelfleet_model_moved_to_pool_total {self.moved_to_pool}",
             "# HELP modelfleet_active_model The model version serving traffic.",
             "# TYPE modelfleet_active_model gauge",
         ]
+        labels = ""
         if self.model_version or self.model_name:
-            name = _label(self.model_name)
-            version = _label(self.model_version)
-            lines.append(f'modelfleet_active_model{{name="{name}",version="{version}"}} 1')
+            labels = f'{{name="{_label(self.model_name)}",version="{_label(self.model_version)}"}}'
+            lines.append(f"modelfleet_active_model{labels} 1")
+        lines += [
+            "# HELP modelfleet_model_inline 1 when the active model is scored inline on the event loop, 0 in the thread pool.",
+            "# TYPE modelfleet_model_inline gauge",
+        ]
+        if inline is not None:
+            lines.append(f"modelfleet_model_inline{labels} {int(inline)}")
         return "\n".join(lines) + "\n"
 
 

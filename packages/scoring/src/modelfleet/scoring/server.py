@@ -226,7 +226,8 @@ class ScoringServer:
         if path == "/swagger.json":
             return self._swagger(req, rid)
         if path == "/metrics":
-            body = self.metrics.prometheus(self._pending).encode()
+            active = self.host.active
+            body = self.metrics.prometheus(self._pending, None if active is None else active.inline).encode()
             return render(200, body, "text/plain; version=0.0.4", rid, close=not req.keep_alive)
         if path.startswith("/v2/models/"):
             return self._model_metadata(req, rid, path[len("/v2/models/") :])
@@ -270,9 +271,11 @@ class ScoringServer:
             model.release()
         elapsed = time.perf_counter() - started
         if model.observe_inline_call(elapsed):
+            self.metrics.moved_to_pool += 1
             log.warning(
-                "event=model_moved_to_pool name=%s version=%s latency_ms=%.1f",
+                "event=model_moved_to_pool name=%s version=%s latency_ms=%.1f reason=%r",
                 model.name, model.version, elapsed * 1000,
+                "slow inline calls blocked the event loop; scored in the thread pool from now on",
             )
         return self._render_result(req, rid, started, result, model)
 
@@ -454,6 +457,12 @@ class ScoringServer:
             "name": model.name,
             "versions": [model.version],
             "platform": model.runtime.platform,
+            # where requests are scored: "inline" (on the event loop) or "thread_pool";
+            # moved_to_pool: it ran inline until slow calls moved it
+            "parameters": {
+                "placement": "inline" if model.inline else "thread_pool",
+                "moved_to_pool": model.pool_only,
+            },
             "inputs": [{"name": t.name, "datatype": t.v2_datatype, "shape": list(t.shape)} for t in sig.inputs],
             "outputs": [{"name": t.name, "datatype": t.v2_datatype, "shape": list(t.shape)} for t in sig.outputs],
         })
