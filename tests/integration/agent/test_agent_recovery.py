@@ -298,3 +298,44 @@ def test_sigterm_during_a_download_exits_promptly_and_keeps_the_bytes(
     assert agent.terminate(timeout=10) == 0
     assert time.monotonic() - started < 5
     assert 0 < part.stat().st_size < big.size  # resumable later
+
+
+def test_power_cut_leaving_garbage_state_leftovers_and_a_damaged_active_version_converges(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-cut", mosquitto.port)
+    controller.wait_reported("dev-cut", controller.desire("dev-cut", v1), "applied")
+    d2 = controller.desire("dev-cut", v2)
+    controller.wait_reported("dev-cut", d2, "applied")
+    agent.kill()
+
+    # what a power cut on a file system that loses data behind renames can leave
+    store = agent.store_dir
+    (store / "state.json").write_bytes(b"\0" * 300)
+    (store / "state.json.tmp").write_bytes(b'{"act')
+    (store / "models" / "versions" / ".tmp-feedfacefeedface-1-1").mkdir()
+    active_file = store / "models" / "versions" / v2.sha256 / "model.onnx"
+    active_file.write_bytes(active_file.read_bytes()[:-64])
+
+    agent.start()
+    port = agent.scoring_port
+    # the newest installed version that verifies serves from the first request
+    assert serving_version(port) in {"1", "2"}
+    controller.wait_reported("dev-cut", d2, "applied", timeout=60)
+    assert serving_version(port) == "2"
+    log = agent.log_text()
+    assert "event=state_unreadable" in log and "event=restore_refused model=digits:2" in log
+    assert (store / "state.corrupt").exists() and not (store / "state.json.tmp").exists()
+    assert not list((store / "models" / "versions").glob(".tmp-*"))
+
+    def refused_in_telemetry() -> bool:
+        return any(
+            s.get("to") == "digits:2" and s.get("ok") is False and s.get("stage") == "restore"
+            and "changed on disk" in (s.get("reason") or "")
+            for rec in controller.telemetry_records("dev-cut") for s in rec["swaps"]
+        )
+
+    wait_until(refused_in_telemetry, 15, "the refused restore in telemetry")

@@ -281,3 +281,148 @@ def test_desired_no_model_on_a_device_serving_nothing_is_applied_at_once(
         task.cancel()
 
     run(go)
+
+
+# --- power cuts beyond SIGKILL: what a restart finds on disk ------------------------------------
+
+
+async def _apply_both(h: Harness, v1: ModelVersionRef, v2: ModelVersionRef) -> None:
+    task = asyncio.create_task(h.reconciler.run())
+    await h.apply(1, v1)
+    await h.apply(2, v2)
+    task.cancel()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"\0" * 512, b'{"active": {"name": "digits", "ver', b"null", b"[1, 2]", b'{"applied_version": "7"}'],
+    ids=["empty", "zero-filled", "truncated", "null", "list", "wrong-type"],
+)
+def test_unreadable_state_file_is_set_aside_and_the_newest_verified_version_serves(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path, garbage: bytes
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+    run(lambda: _apply_both(Harness(tmp_path, blob_server), v1, v2))
+    (tmp_path / "state.json").write_bytes(garbage)
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        assert h.reconciler.state_file.lost is not None and "unreadable" in h.reconciler.state_file.lost
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "2"  # the newest installed, verified
+        task = asyncio.create_task(h.reconciler.run())
+        served = blob_server.served
+        await h.apply(2, v2)  # the retained desired state: applied again (no download), reported applied
+        assert blob_server.served == served
+        assert h.reconciler.state.active == v2 and h.reconciler.state.handled(2, v2.sha256)
+        task.cancel()
+
+    run(restarted)
+    assert (tmp_path / "state.corrupt").read_bytes() == garbage
+
+
+def test_leftover_temp_and_partial_files_are_cleared_or_resumed_safely(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+
+    async def first() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        await h.apply(1, v1)
+        task.cancel()
+
+    run(first)
+    models = tmp_path / "models"
+    # a power cut mid-install, mid-write of state.json and of a manifest, and mid-download (with the
+    # tail of the partial file never written: zeros where the data should be)
+    (models / "versions" / ".tmp-0123456789abcdef-1-2").mkdir()
+    (models / "versions" / ".tmp-0123456789abcdef-1-2" / "model.onnx").write_bytes(b"half")
+    (tmp_path / "state.json.tmp").write_bytes(b'{"active": nul')
+    (models / "manifests" / f"{v2.sha256}.json.tmp").write_bytes(b"{")
+    size = digits_onnx_v2.stat().st_size
+    (models / "partial" / f"{v2.sha256}.part").write_bytes(digits_onnx_v2.read_bytes()[: size // 2] + b"\0" * 100)
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "1"
+        assert not list((models / "versions").glob(".tmp-*"))
+        assert not (tmp_path / "state.json.tmp").exists() and not list((models / "manifests").glob("*.tmp"))
+        task = asyncio.create_task(h.reconciler.run())
+        await h.apply(2, v2)  # resumed from the damaged bytes, refused, downloaded again from zero
+        assert h.store.last_download.resumed_from == 0
+        assert h.host.active is not None and h.host.active.version == "2"
+        task.cancel()
+
+    run(restarted)
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "bit-flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01  # still loads: only the checksum can tell
+        path.write_bytes(bytes(data))
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "zero-length":
+        path.write_bytes(b"")
+    elif how == "file-deleted":
+        path.unlink()
+    else:
+        shutil.rmtree(path.parent)
+
+
+@pytest.mark.parametrize("how", ["bit-flip", "truncated", "zero-length", "file-deleted", "folder-deleted"])
+def test_damaged_active_version_is_removed_the_previous_serves_and_the_desired_state_converges(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path, how: str
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+    run(lambda: _apply_both(Harness(tmp_path, blob_server), v1, v2))
+    _damage(tmp_path / "models" / "versions" / v2.sha256 / "model.onnx", how)
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "1"
+        [event] = h.reconciler.drain_swap_events()
+        assert (event["to"], event["ok"], event["stage"]) == ("digits:2", False, "restore")
+        assert "digits:2" in event["reason"] and ("changed on disk" in event["reason"]
+                                                   or "cannot be read" in event["reason"]
+                                                   or "is not on disk" in event["reason"])
+        assert not h.store.is_installed(v2)  # damaged bytes are never loaded, nor kept
+        assert h.reconciler.state.active == v1 and h.reconciler.state.handled_version is None
+        task = asyncio.create_task(h.reconciler.run())
+        served = blob_server.served
+        await h.apply(2, v2)  # the retained desired state is due again: downloaded anew, applied
+        assert blob_server.served > served
+        assert h.host.active is not None and h.host.active.version == "2"
+        assert h.reconciler.state.previous == v1
+        task.cancel()
+
+    run(restarted)
+
+
+def test_when_no_version_verifies_the_agent_serves_none_says_why_and_converges(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+    run(lambda: _apply_both(Harness(tmp_path, blob_server), v1, v2))
+    for ref in (v1, v2):
+        _damage(tmp_path / "models" / "versions" / ref.sha256 / "model.onnx", "bit-flip")
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is None
+        events = h.reconciler.drain_swap_events()
+        assert [(e["to"], e["ok"], e["stage"]) for e in events] == [
+            ("digits:2", False, "restore"), ("digits:1", False, "restore"),
+        ]
+        assert h.reconciler.state.active is None and h.reconciler.state.previous is None
+        task = asyncio.create_task(h.reconciler.run())
+        await h.apply(2, v2)
+        assert h.host.active is not None and h.host.active.version == "2"
+        task.cancel()
+
+    run(restarted)

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import socket
 import tarfile
 import threading
@@ -311,3 +312,30 @@ def test_disk_filling_up_mid_download_is_named_and_keeps_the_bytes(
     kept = store.partial_size(ref)
     assert 0 < kept <= 128 * 1024  # what fitted stays for a resume
     assert not store.is_installed(ref)
+
+
+def test_installed_versions_are_checked_against_their_manifest_and_rebuilt_newest_first(
+    tmp_path: Path, blob_server: BlobServer
+) -> None:
+    single = blob_server.add(PAYLOAD, name="single")
+    folder = blob_server.add(
+        _tar([_member("model.onnx"), _member("sub/labels.txt")]), name="folder", format="tar"
+    )
+    store = store_at(tmp_path, blob_server)
+    store.fetch(single)
+    store.fetch(folder)
+    assert store.damage(single) is None and store.damage(folder) is None
+    assert [r.key for r in store.recoverable()] == ["folder:1", "single:1"]
+    assert store.recoverable()[0] == folder  # the whole ref, from its manifest
+
+    (store.version_dir(folder) / "sub" / "labels.txt").write_bytes(b"changed")
+    assert re.search(r"folder:1: sub/labels\.txt changed on disk \(sha256 \w+…, expected \w+…\)",
+                     store.damage(folder) or "")
+    (store.version_dir(single) / "model.onnx").unlink()
+    assert store.damage(single) == "single:1: model.onnx cannot be read (No such file or directory)"
+
+    store.remove(folder)
+    assert not store.is_installed(folder) and [r.key for r in store.recoverable()] == ["single:1"]
+    assert "folder:1 is not on disk" in (store.damage(folder) or "")
+    store.prune(set())
+    assert store.recoverable() == [] and not list((tmp_path / "manifests").iterdir())

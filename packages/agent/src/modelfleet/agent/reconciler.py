@@ -108,26 +108,58 @@ class Reconciler:
 
     # --- start-up -----------------------------------------------------------------
     async def restore(self) -> None:
-        """Serve the last good version again (after a restart), falling back to the previous one."""
-        if self.state.active is None:
-            # nothing, or a desired state asked for no model: `previous` is only kept for a rollback
-            return
-        for ref in (self.state.active, self.state.previous):
-            if ref is None:
+        """Serve the last good version again (after a restart), falling back to the previous one.
+
+        Each candidate's bytes are checked again first (a power cut or a failing disk can damage
+        what verified at install); a damaged one is removed, so the desired state downloads it
+        anew. With state.json lost, the candidates are the installed versions, newest first.
+        Whatever is served instead of state.json's active version (or nothing) makes the desired
+        state count as not handled yet: the reconciler applies it again and converges.
+        """
+        state = self.state
+        original = state.active
+        if original is not None:
+            candidates = [ref for ref in (state.active, state.previous) if ref is not None]
+        elif self.state_file.lost is not None:
+            candidates = self.store.recoverable()
+            if candidates:
+                log.warning("event=state_rebuilt reason=%r candidates=%s",
+                            self.state_file.lost, ",".join(r.key for r in candidates))
+        else:
+            return  # a fresh device, or a desired state asked for no model (`previous` is for a rollback)
+        loop = asyncio.get_running_loop()
+        for ref in candidates:
+            damage = await loop.run_in_executor(None, self.store.damage, ref)
+            if damage is not None:
+                log.error("event=restore_refused model=%s reason=%r", ref.key, damage)
+                self._swap_event(None, ref, ok=False, ts=time.time(), stage="restore", reason=damage)
+                if self.store.is_installed(ref):
+                    self.store.remove(ref)
                 continue
-            if not self.store.is_installed(ref):
-                log.error("event=restore_missing model=%s sha256=%s", ref.key, ref.sha256[:12])
-                continue
+            started = time.time()
             try:
                 await self.host.aload(self._spec(ref))
             except ModelLoadError as exc:
                 log.error("event=restore_failed model=%s stage=%s reason=%r", ref.key, exc.stage, exc.reason)
+                self._swap_event(None, ref, ok=False, ts=started, stage=exc.stage, reason=exc.reason)
                 continue
-            if ref is not self.state.active:
-                self.state.active, self.state.previous = ref, None
-                self.state_file.save(self.state)
             log.info("event=restored model=%s", ref.key)
+            if ref != original:
+                self._restored_other(ref)
             return
+        if candidates:
+            log.error("event=restore_none reason=%r", "no installed version verified and loaded")
+            self._restored_other(None)
+
+    def _restored_other(self, ref: ModelVersionRef | None) -> None:
+        """Persist that `ref` serves instead of what state.json said; the desired state is due again."""
+        state = self.state
+        state.previous = None if ref is None or ref == state.previous else state.previous
+        state.active = ref
+        state.applied_version = None
+        state.handled_version = state.handled_sha256 = None
+        state.failure = None
+        self.state_file.save(state)
 
     # --- the loop -----------------------------------------------------------------
     async def run(self) -> None:

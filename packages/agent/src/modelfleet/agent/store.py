@@ -5,6 +5,9 @@ Layout under the store root:
     partial/<sha256>.part    bytes downloaded so far (kept across restarts: Range resume)
     versions/<sha256>/       an installed version: the model file, or the unpacked folder
     versions/.tmp-*          an install in progress (removed at start-up)
+    manifests/<sha256>.json  an installed version's ref and the sha256 of each of its files,
+                             written before the version's rename: the bytes can be checked
+                             again at start-up, and a lost state.json rebuilt
 
 Downloads use the standard library's urllib: one streaming GET with a Range
 header is all that is needed, and importing httpx or requests would cost a
@@ -21,6 +24,7 @@ import base64
 import contextlib
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -31,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .durable import fsync_dir
+from .durable import fsync_dir, write_atomic
 from .errors import ArtifactError, ConfigError, Superseded
-from .modelref import ModelVersionRef
+from .modelref import ModelRefError, ModelVersionRef
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -138,11 +142,15 @@ class ModelStore:
         self.timeout_s = timeout_s
         self.partial_dir = self.root / "partial"
         self.versions_dir = self.root / "versions"
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.manifests_dir = self.root / "manifests"
+        for folder in (self.partial_dir, self.versions_dir, self.manifests_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         self.last_download = DownloadStats()
+        # what a crash or power cut mid-install or mid-write leaves behind
         for leftover in self.versions_dir.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.manifests_dir.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
 
     # --- queries ------------------------------------------------------------------
     def version_dir(self, ref: ModelVersionRef) -> Path:
@@ -161,6 +169,73 @@ class ModelStore:
     def partial_size(self, ref: ModelVersionRef) -> int:
         part = self._part(ref)
         return part.stat().st_size if part.exists() else 0
+
+    def _manifest(self, sha256: str) -> Path:
+        return self.manifests_dir / f"{sha256}.json"
+
+    def _read_manifest(self, sha256: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._manifest(sha256).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def damage(self, ref: ModelVersionRef) -> str | None:
+        """Why the installed bytes of `ref` cannot be trusted (missing, changed on disk), or None.
+
+        Reads every file of the version once (a power cut or a failing disk can damage
+        what was verified at install). A folder installed before manifests existed is
+        taken as it is: there is nothing to check it against.
+        """
+        folder = self.version_dir(ref)
+        if not folder.is_dir():
+            return f"{ref.key} is not on disk ({folder} is missing)"
+        expected: dict[str, str]
+        if ref.format == "file":
+            expected = {ref.filename: ref.sha256}  # the file is the artifact itself
+        else:
+            manifest = self._read_manifest(ref.sha256)
+            files = manifest.get("files") if manifest else None
+            if not isinstance(files, dict):
+                log.info("event=version_unverifiable model=%s reason=no_manifest", ref.key)
+                return None
+            expected = {str(k): str(v) for k, v in files.items()}
+        for rel, sha in sorted(expected.items()):
+            path = folder / rel
+            try:
+                actual = _sha256_file(path)
+            except OSError as exc:
+                return f"{ref.key}: {rel} cannot be read ({exc.strerror or exc})"
+            if actual != sha:
+                return f"{ref.key}: {rel} changed on disk (sha256 {actual[:12]}…, expected {sha[:12]}…)"
+        return None
+
+    def remove(self, ref: ModelVersionRef) -> None:
+        """Delete an installed version whose bytes are damaged, so a later fetch downloads it again."""
+        shutil.rmtree(self.version_dir(ref), ignore_errors=True)
+        self._manifest(ref.sha256).unlink(missing_ok=True)
+        fsync_dir(self.versions_dir)
+        log.warning("event=version_removed model=%s sha256=%s", ref.key, ref.sha256[:12])
+
+    def recoverable(self) -> list[ModelVersionRef]:
+        """Installed versions whose manifest names their ref, most recently installed first
+        (what a device can serve when its state.json was lost)."""
+        found: list[tuple[float, ModelVersionRef]] = []
+        for path in self.manifests_dir.glob("*.json"):
+            manifest = self._read_manifest(path.stem)
+            if manifest is None or not self.version_dir_of(path.stem).is_dir():
+                continue
+            try:
+                ref = ModelVersionRef.from_dict(manifest.get("ref"))
+                installed_at = float(manifest.get("installed_at", 0.0))
+            except (ModelRefError, TypeError, ValueError):
+                continue
+            if ref.sha256 == path.stem:
+                found.append((installed_at, ref))
+        return [ref for _, ref in sorted(found, key=lambda item: item[0], reverse=True)]
+
+    def version_dir_of(self, sha256: str) -> Path:
+        return self.versions_dir / sha256
 
     # --- the pipeline -------------------------------------------------------------
     def fetch(self, ref: ModelVersionRef, cancel: threading.Event | None = None) -> Path:
@@ -202,6 +277,9 @@ class ModelStore:
         for part in self.partial_dir.glob("*.part"):
             if part.stem not in keep:
                 part.unlink(missing_ok=True)
+        for manifest in self.manifests_dir.glob("*.json"):
+            if manifest.stem not in keep:
+                manifest.unlink(missing_ok=True)
 
     # --- download -----------------------------------------------------------------
     def _part(self, ref: ModelVersionRef) -> Path:
@@ -345,11 +423,7 @@ class ModelStore:
         if size != ref.size:
             part.unlink(missing_ok=True)
             raise ArtifactError("verify", f"{ref.key}: size mismatch: expected {ref.size} bytes, got {size}")
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(1024 * 1024):
-                digest.update(chunk)
-        actual = digest.hexdigest()
+        actual = _sha256_file(part)
         if actual != ref.sha256:
             # corrupt bytes must not be resumed from either
             part.unlink(missing_ok=True)
@@ -370,6 +444,8 @@ class ModelStore:
             if final.exists():  # installed meanwhile (a restart raced us): keep the existing copy
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
+                # durable before the folder appears: an installed version always has its manifest
+                self._write_manifest(ref, tmp)
                 os.replace(tmp, final)
             fsync_dir(self.versions_dir)
         except ArtifactError:
@@ -380,6 +456,26 @@ class ModelStore:
             raise ArtifactError("install", f"{ref.key}: {exc}") from None
         log.info("event=version_installed model=%s sha256=%s", ref.key, ref.sha256[:12])
         return final
+
+    def _write_manifest(self, ref: ModelVersionRef, folder: Path) -> None:
+        if ref.format == "file":
+            files = {ref.filename: ref.sha256}  # verified a moment ago: no second read
+        else:
+            files = {
+                path.relative_to(folder).as_posix(): _sha256_file(path)
+                for path in sorted(folder.rglob("*"))
+                if path.is_file() and not path.is_symlink()
+            }
+        manifest = {"ref": ref.to_dict(), "files": files, "installed_at": time.time()}
+        write_atomic(self._manifest(ref.sha256), json.dumps(manifest, sort_keys=True).encode())
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_cancel(ref: ModelVersionRef, cancel: threading.Event | None) -> None:

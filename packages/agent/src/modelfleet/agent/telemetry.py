@@ -112,7 +112,10 @@ class TelemetryQueue:
         for seq, _ in self._entries[:limit]:
             self._sending.add(seq)
             try:
-                out.append((seq, msgpack.unpackb(self._path(seq).read_bytes(), raw=False)))
+                record = msgpack.unpackb(self._path(seq).read_bytes(), raw=False)
+                if not isinstance(record, dict):  # e.g. a zero-filled file after a power cut
+                    raise ValueError(f"not a record: {type(record).__name__}")
+                out.append((seq, record))
             except (OSError, ValueError) as exc:
                 # a damaged file: lost like a record the bound dropped, and counted so
                 log.error("event=telemetry_unreadable seq=%d reason=%r", seq, str(exc))
