@@ -48,8 +48,9 @@ class LinkCutter:
             _shutdown(sock)
 
     def _watch(self) -> None:
-        while not self._done.is_set():
-            if self.cancel.wait(POLL_S):
+        # woken at once by the end of the download (`_done`), so `__exit__` does not wait a poll out
+        while not self._done.wait(POLL_S):
+            if self.cancel.is_set():
                 with self._lock:
                     self._cut = True
                     sockets = list(self._sockets)
