@@ -333,3 +333,20 @@ def test_status_of_a_paused_rollout_shows_the_watched_time_of_its_stage(run, tmp
     code, out = run("rollout", "status", "r")
     assert code == 0
     assert "1 of 1 (deploying, 42s of the 600s timeout)" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://ops@broker.example", "broker URL 'http://broker.example' is not mqtt://host[:port]"),
+        ("mqtt://ops@broker.example:port", "broker URL 'mqtt://broker.example:port' has an invalid port"),
+    ],
+)
+def test_a_bad_broker_url_never_shows_the_password(
+    run, monkeypatch: pytest.MonkeyPatch, url: str, message: str  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setenv("MODELFLEET_BROKER_PASSWORD", "s3cret")
+    code, out = run("devices", "--broker", url)
+    assert code != 0
+    assert message in out
+    assert "s3cret" not in out

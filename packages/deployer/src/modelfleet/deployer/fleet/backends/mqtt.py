@@ -59,15 +59,17 @@ class MqttFleetSettings:
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> MqttFleetSettings:
         """`mqtt://[user:password@]host[:port]` or `mqtts://...`."""
         parts = urlsplit(url)
+        # an error never shows a password (it may have come from a file or the environment)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if parts.password else url
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise FleetError(
-                f"broker URL {url!r} is not mqtt://host[:port] or mqtts://host[:port]",
+                f"broker URL {shown!r} is not mqtt://host[:port] or mqtts://host[:port]",
                 hint="e.g. --broker mqtt://127.0.0.1:1883 (or set MODELFLEET_MQTT_URL)",
             )
         try:
             port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         except ValueError:
-            raise FleetError(f"broker URL {url!r} has an invalid port") from None
+            raise FleetError(f"broker URL {shown!r} has an invalid port") from None
         return cls(
             host=parts.hostname,
             port=port,
