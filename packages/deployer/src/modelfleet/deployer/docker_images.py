@@ -1,13 +1,15 @@
 """Images for the Docker target, built with no registry pull.
 
-Three layers, each tagged by a hash of what went into it and built only when
-that tag is missing:
+Four images, each tagged by a hash of what went into it and built only when
+that tag is missing; each is a single-stage build, so no build leaves an
+untagged image behind:
 
 1. base image: a Debian bookworm minbase root filesystem with Python 3.11 made
    by `debootstrap` on the host and `docker import`-ed (no pull needed);
-2. runtime image: base + a venv with modelfleet-scoring and the user's
-   requirements, installed from a host-built wheelhouse with `--no-index`;
-3. service image: runtime + the user's extraDockerfileSteps (if any) + the
+2. deps image (build-only): base + a venv with the locked dependencies and the
+   user's requirements, installed from a host-built wheelhouse with `--no-index`;
+3. runtime image: base + the deps image's venv + modelfleet-scoring itself;
+4. service image: runtime + the user's extraDockerfileSteps (if any) + the
    model files + the entry script's source folder + the `serve` command. Its
    tag is the hash of that content, so an unchanged deployment is not rebuilt.
 """
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from modelfleet.deployer.wheelhouse import Wheelhouse, cache_root, scoring_wheel
 Progress = Callable[[str], None]
 
 BASE_REPO = "modelfleet/base"
+DEPS_REPO = "modelfleet/scoring-deps"
 RUNTIME_REPO = "modelfleet/scoring-runtime"
 SERVICE_REPO = "modelfleet/service"
 
@@ -59,6 +63,7 @@ LABEL_KIND = "modelfleet.kind"
 LABEL_RUNTIME = "modelfleet.runtime"  # on service images: the runtime image id they build on
 LABEL_BASE = "modelfleet.base"  # on runtime images: the base image id
 LABEL_USER_DEPS = "modelfleet.user-deps"  # on runtime images: the user wheelhouse key
+LABEL_DEPS = "modelfleet.deps"  # on runtime images: the deps image id whose venv they copy
 LABEL_EXTRA_STEPS = "modelfleet.extra-steps"  # on service images: extraDockerfileSteps key
 RUNTIME_IMAGES_KEPT = 3
 
@@ -250,8 +255,13 @@ def resolve_base_image(client: Any, base_image: str | None, progress: Progress) 
 
 # ------------------------------------------------------------------------ runtime
 
-_RUNTIME_DOCKERFILE = """\
-FROM {base} AS deps
+# Two images, each tagged, so that no build leaves an untagged image behind (a
+# multi-stage build's first stage stays as a dangling image of several hundred
+# MB per dependency set): the deps image holds the venv with the locked and the
+# user's dependencies and changes rarely; the runtime image copies that venv
+# and adds modelfleet-scoring's own, often changing, wheels.
+_DEPS_DOCKERFILE = """\
+FROM {base}
 RUN python3 -m venv {venv}
 COPY deps/ /wheels/deps/
 RUN {venv}/bin/pip install --no-cache-dir --no-index --progress-bar off \\
@@ -260,11 +270,11 @@ COPY user/ /wheels/user/
 RUN if [ -s /wheels/user/requirements.txt ]; then \\
     {venv}/bin/pip install --no-cache-dir --no-index --progress-bar off \\
     --find-links /wheels/user --find-links /wheels/deps -r /wheels/user/requirements.txt; fi
+"""
 
+_RUNTIME_DOCKERFILE = """\
 FROM {base}
-# Cached while the locked and user dependencies stay the same; only the small
-# layers below change with modelfleet-scoring's own sources.
-COPY --from=deps {venv} {venv}
+COPY --from={deps} {venv} {venv}
 COPY local/ /tmp/modelfleet-wheels/
 RUN if ls /tmp/modelfleet-wheels/*.whl >/dev/null 2>&1; then \\
     {venv}/bin/pip install --no-cache-dir --no-index --no-deps --progress-bar off \\
@@ -280,33 +290,35 @@ ENV PATH={venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 """
 
 
-def ensure_runtime_image(
+def _deps_key(scoring: Wheelhouse) -> str:
+    """The locked dependencies alone (not the local wheels): wheel names pin versions."""
+    names = [f"{w.name}:{w.stat().st_size}" for w in sorted(scoring.path.glob("*.whl"))]
+    return _hash([scoring.requirements.read_bytes(), *names])
+
+
+def ensure_deps_image(
     client: Any,
     base: str,
     scoring: Wheelhouse,
     user: Wheelhouse | None,
     progress: Progress = lambda _line: None,
 ) -> str:
-    """Base + a venv with modelfleet-scoring and the user's requirements, offline."""
+    """Base + a venv with the locked dependencies and the user's requirements, offline."""
     base_id = client.images.get(base).id
-    dockerfile = _RUNTIME_DOCKERFILE.format(
-        base=base_id, venv=VENV_DIR, user=CONTAINER_USER, uid=CONTAINER_UID, app_root=APP_ROOT
-    )
-    key = _hash(["runtime-v4", base_id, scoring.key, user.key if user else "", dockerfile])
-    tag = f"{RUNTIME_REPO}:{key[:16]}"
+    dockerfile = _DEPS_DOCKERFILE.format(base=base_id, venv=VENV_DIR)
+    user_key = user.key if user else "none"
+    key = _hash(["deps-v1", base_id, _deps_key(scoring), user_key, dockerfile])
+    tag = f"{DEPS_REPO}:{key[:16]}"
     if _image_exists(client, tag):
-        progress(f"runtime image {tag} is cached")
+        progress(f"dependencies image {tag} is cached")
         return tag
-    progress(f"building runtime image {tag} (dependencies from the wheelhouse, no network)")
+    progress(f"building dependencies image {tag} (from the wheelhouse, no network)")
     with tempfile.TemporaryFile() as context:
         with tarfile.open(fileobj=context, mode="w") as tar:
             _add_bytes(tar, "Dockerfile", dockerfile.encode())
             for wheel in sorted(scoring.path.glob("*.whl")):
                 tar.add(str(wheel), arcname=f"deps/{wheel.name}")
             _add_bytes(tar, "deps/requirements.txt", scoring.requirements.read_bytes())
-            _add_dir(tar, "local")  # empty outside a source checkout
-            for wheel in scoring.local_wheels():
-                tar.add(str(wheel), arcname=f"local/{wheel.name}")
             if user is not None:
                 for wheel in sorted(user.path.glob("*.whl")):
                     tar.add(str(wheel), arcname=f"user/{wheel.name}")
@@ -314,36 +326,124 @@ def ensure_runtime_image(
             else:
                 _add_bytes(tar, "user/requirements.txt", b"")
         context.seek(0)
+        labels = {LABEL_KIND: "deps", LABEL_BASE: base_id, LABEL_USER_DEPS: user_key}
+        build_image(client, context, tag, labels, progress)
+    return tag
+
+
+def ensure_runtime_image(
+    client: Any,
+    base: str,
+    scoring: Wheelhouse,
+    user: Wheelhouse | None,
+    progress: Progress = lambda _line: None,
+) -> str:
+    """Base + the deps image's venv + modelfleet-scoring from this checkout, offline."""
+    base_id = client.images.get(base).id
+    deps = ensure_deps_image(client, base, scoring, user, progress)
+    deps_id = client.images.get(deps).id
+    dockerfile = _RUNTIME_DOCKERFILE.format(
+        base=base_id,
+        deps=deps_id,
+        venv=VENV_DIR,
+        user=CONTAINER_USER,
+        uid=CONTAINER_UID,
+        app_root=APP_ROOT,
+    )
+    key = _hash(["runtime-v5", base_id, scoring.key, user.key if user else "", dockerfile])
+    tag = f"{RUNTIME_REPO}:{key[:16]}"
+    if _image_exists(client, tag):
+        progress(f"runtime image {tag} is cached")
+        return tag
+    progress(f"building runtime image {tag}")
+    with tempfile.TemporaryFile() as context:
+        with tarfile.open(fileobj=context, mode="w") as tar:
+            _add_bytes(tar, "Dockerfile", dockerfile.encode())
+            _add_dir(tar, "local")  # empty outside a source checkout
+            for wheel in scoring.local_wheels():
+                tar.add(str(wheel), arcname=f"local/{wheel.name}")
+        context.seek(0)
         labels = {
             LABEL_KIND: "runtime",
             LABEL_BASE: base_id,
             LABEL_USER_DEPS: user.key if user else "none",
+            LABEL_DEPS: deps_id,
         }
         build_image(client, context, tag, labels, progress)
-    prune_runtime_images(client, keep=tag)
+    prune_runtime_images(client, keep=tag, base_id=base_id)
     return tag
 
 
-def prune_runtime_images(client: Any, keep: str, newest: int = RUNTIME_IMAGES_KEPT) -> list[str]:
-    """Untag runtime images no container uses, beyond the `newest` few.
+def prune_runtime_images(
+    client: Any, keep: str, base_id: str, newest: int = RUNTIME_IMAGES_KEPT
+) -> list[str]:
+    """Untag runtime images on `base_id` no container uses, beyond the `newest`
+    few, then the dependencies images that no remaining runtime image was built from.
 
     Each change of modelfleet-scoring (or of a user's requirements) makes a new
-    runtime image; without this they pile up at a few hundred MB each.
+    runtime image; without this they pile up at a few hundred MB each. Counted
+    per base image, so that a service on a custom base does not push out the
+    default base's images.
     """
-    import docker.errors
-
-    found = client.images.list(filters={"label": f"{LABEL_KIND}=runtime"})
+    on_base = f"{LABEL_BASE}={base_id}"
+    found = client.images.list(filters={"label": [f"{LABEL_KIND}=runtime", on_base]})
     found.sort(key=lambda img: str(img.attrs.get("Created", "")), reverse=True)
     removed: list[str] = []
     for image in found[newest:]:
         if keep in image.tags or client.containers.list(all=True, filters={"ancestor": image.id}):
             continue
-        for tag in image.tags:
-            try:
-                client.images.remove(tag)
-                removed.append(tag)
-            except docker.errors.APIError:
-                pass  # in use by a build right now, or already gone
+        removed += _untag(client, image)
+    # A deps image is only the cache for rebuilding a runtime image of the same
+    # dependencies; the newest ones stay, so a build in flight keeps its own.
+    used = {
+        str((img.labels or {}).get(LABEL_DEPS, ""))
+        for img in client.images.list(filters={"label": f"{LABEL_KIND}=runtime"})
+    }
+    deps = client.images.list(filters={"label": [f"{LABEL_KIND}=deps", on_base]})
+    deps.sort(key=lambda img: str(img.attrs.get("Created", "")), reverse=True)
+    for image in deps[newest:]:
+        if image.id not in used:
+            removed += _untag(client, image)
+    return removed
+
+
+def _untag(client: Any, image: Any) -> list[str]:
+    """Remove every tag of `image` (and with the last one its untagged layers)."""
+    import docker.errors
+
+    removed: list[str] = []
+    for tag in image.tags:
+        try:
+            client.images.remove(tag)
+            removed.append(tag)
+        except docker.errors.APIError:
+            pass  # in use by a build right now, or already gone
+    return removed
+
+
+# Dangling images this old are no build in flight's intermediate step.
+LEFTOVER_MIN_AGE_S = 3600
+
+
+def prune_build_leftovers(
+    client: Any, min_age_s: float = LEFTOVER_MIN_AGE_S, *, label: str = LABEL_KIND
+) -> list[str]:
+    """Remove dangling images that modelfleet builds left before builds cleaned up
+    after themselves (the first stage of the old multi-stage runtime build, the
+    steps of failed builds): untagged, unused, built on a modelfleet image (they
+    carry its `label`, `modelfleet.kind`) and older than `min_age_s`."""
+    import docker.errors
+
+    now = time.time()
+    removed: list[str] = []
+    for image in client.api.images(filters={"dangling": True, "label": label}):
+        if now - float(image.get("Created", now)) < min_age_s:
+            continue
+        try:
+            client.api.remove_image(image["Id"], noprune=False)
+            removed.append(str(image["Id"]))
+        except docker.errors.APIError:
+            pass  # a container or another image still uses it
     return removed
 
 
@@ -612,6 +712,7 @@ def _extra_step_namer(extra: ExtraSteps | None) -> Callable[[int], str | None]:
 
 BUILD_LOG_TAIL = 10  # build output lines shown with a failed step
 _STEP = re.compile(r"^Step (\d+)/\d+ : (.*)$")
+_STEP_IMAGE = re.compile(r"^---> ([0-9a-f]{12,64})$")  # the image a step committed
 
 
 def build_image(
@@ -633,6 +734,8 @@ def build_image(
 
     step_no, step_text = 0, ""
     since_step: list[str] = []  # output of the step running now
+    created: list[str] = []  # images this build committed (not cache hits, not FROM)
+    cached = False
 
     def failed(detail: str) -> ImageBuildError:
         user_step = describe_step(step_no) if step_no else None
@@ -666,12 +769,35 @@ def build_image(
                 match = _STEP.match(line)
                 if match:
                     step_no, step_text = int(match.group(1)), match.group(2)
-                    since_step = []
+                    since_step, cached = [], False
+                elif line == "---> Using cache":
+                    cached = True
                 else:
+                    image = _STEP_IMAGE.match(line)
+                    if image and not cached and not step_text.upper().startswith("FROM "):
+                        created.append(image.group(1))
                     since_step.append(line)
                 progress(line)
     except docker.errors.APIError as exc:
+        _remove_dangling(client, created)
         raise failed(str(exc.explanation or exc)) from exc
+    except ImageBuildError:
+        _remove_dangling(client, created)
+        raise
+
+
+def _remove_dangling(client: Any, images: list[str]) -> None:
+    """After a failed build: remove the images its finished steps committed, which
+    nothing tags or builds on (the last first, so that each parent is freed)."""
+    import docker.errors
+
+    for image in reversed(images):
+        try:
+            if client.api.inspect_image(image).get("RepoTags"):
+                continue
+            client.api.remove_image(image, noprune=True)
+        except docker.errors.APIError:
+            pass  # gone already, or another image builds on it (a concurrent build's cache)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:

@@ -326,7 +326,8 @@ class DockerTarget:
             yield pending.decode(errors="replace")
 
     def delete(self, record: ServiceRecord, progress: Progress) -> None:
-        """Remove the container and the service's image (base/runtime images stay cached)."""
+        """Remove the container and the service's images (base, deps and runtime images
+        stay cached), and untagged images that earlier modelfleet builds left behind."""
         import docker.errors
 
         client = self.client
@@ -345,6 +346,10 @@ class DockerTarget:
         for image in filter(None, tags):
             if images.remove_image_if_unused(client, str(image)):
                 progress(f"removed image {image}")
+        # Builds leave no untagged image now; this clears what earlier ones left.
+        leftovers = images.prune_build_leftovers(client)
+        if leftovers:
+            progress(f"removed {len(leftovers)} untagged images left by earlier builds")
 
     # ------------------------------------------------------------------ internals
 
