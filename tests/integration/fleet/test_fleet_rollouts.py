@@ -90,6 +90,8 @@ def test_warmup_failure_on_the_canary_stops_at_stage_one_others_untouched(
         assert d.desired is not None and d.desired.key == "digits:1"
         if a.device_id != canary["device_id"]:
             assert d.desired_version == before[a.device_id]  # never sent anything
+    confirmed = fleet.cli_json("rollout", "status", "bad")["devices"][0]
+    assert confirmed["confirmed"] and confirmed["reason"].endswith("; it serves digits:1 again")
 
 
 def test_errors_under_traffic_trip_the_telemetry_gate_and_roll_back(
@@ -301,3 +303,4 @@ def test_rollback_of_an_agent_that_had_no_model_unloads_it(fleet: Fleet, digits_
     assert httpx.post(f"http://127.0.0.1:{port}/score", json={"data": ROWS}, timeout=10).status_code == 503
     table = fleet.cli("rollout", "status", "first")
     assert "(no model)" in table.stdout and "rolled back to no model (it had none before)" in table.stdout
+    assert "it serves no model now" in table.stdout  # status looked the device's report up

@@ -203,7 +203,7 @@ def test_status_says_when_timed_out_devices_could_not_be_checked(run, tmp_path: 
 
     code, out = run("rollout", "status", "r")
     assert code == 0
-    assert "warning: 1 timed-out device(s) not checked for a late report: cannot reach the MQTT broker" in out
+    assert "warning: 1 timed-out or rolled-back device(s) not checked on the broker: cannot reach the MQTT broker" in out
     row = next(line for line in out.splitlines() if line.startswith("dev-0"))
     assert "timeout" in row
 

@@ -681,6 +681,30 @@ def test_rolling_back_a_device_that_had_no_model_tells_it_to_serve_none(tmp_path
     assert info is not None and info.active is None and info.outcome(version) == "applied"
     assert info.serves_no_model_desired
     assert engine.status("r")["devices"][0]["previous"] is None
+    # what `rollout status` does with a backend: the applied/null report confirms the rollback
+    assert engine.confirm_rollbacks("r") == [canary.device_id]
+    [row] = engine.store.devices("r", states=("rolled_back",))
+    assert row.confirmed and (row.reason or "").endswith("; it serves no model now")
+    assert engine.confirm_rollbacks("r") == []
+
+
+def test_a_rollback_is_confirmed_by_the_device_report_or_named_as_refused(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, backend, _ = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(20, 100)))
+    engine.step("r")
+    apply_all(backend, engine, "r", status="failed")
+    assert engine.step("r").state == "failed"
+    good, bad = (d.device_id for d in engine.store.devices("r", states=("rolled_back",)))
+    assert engine.confirm_rollbacks("r") == []  # nobody reported on the rollback yet
+    backend.report(good, "applied")
+    backend.report(bad, "failed", reason="disk full", stage="download")
+    assert sorted(engine.confirm_rollbacks("r")) == sorted([good, bad])
+    reasons = {d.device_id: d.reason for d in engine.store.devices("r", states=("rolled_back",))}
+    assert reasons[good] == "warmup: boom; rolled back to digits:1; it serves digits:1 again"
+    assert reasons[bad] == "warmup: boom; rolled back to digits:1; the device refused the rollback: download: disk full"
+    assert all(d["confirmed"] for d in engine.status("r")["devices"] if d["state"] == "rolled_back")
 
 
 def test_a_fleet_database_from_before_gains_the_new_columns(tmp_path: Path) -> None:

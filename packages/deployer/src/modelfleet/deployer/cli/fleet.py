@@ -312,8 +312,8 @@ def rollout_status(
 ) -> None:
     """Progress per stage, the reason of a halt, devices that failed or were rolled back.
 
-    Devices that timed out are looked up on the broker: one that has applied the version
-    since is shown as `late` (converged after its stage's timeout)."""
+    Devices that timed out or were rolled back are looked up on the broker: one that has
+    applied the version since is shown as `late`; a rollback the device reported on, as such."""
     store = FleetStore()
     engine = RolloutEngine(store, _NoBackend())
     view = engine.status(name)
@@ -326,15 +326,19 @@ def rollout_status(
                 shown = now
             time.sleep(0.5)
             view = engine.status(name)
-    timed_out = sum(1 for d in view["devices"] if d["state"] == "timeout")
-    if timed_out:
+    unknown = sum(
+        1 for d in view["devices"] if d["state"] == "timeout" or (d["state"] == "rolled_back" and not d["confirmed"])
+    )
+    if unknown:
         try:
             with _backend(broker, store.get(name), password_file) as backend:
-                ops.check_late(store, backend, name)
+                ops.check_devices(store, backend, name)
             view = engine.status(name)
         except DeployerError as exc:
             # the stored view is still worth showing; say what could not be checked
-            typer.echo(f"warning: {timed_out} timed-out device(s) not checked for a late report: {exc}", err=True)
+            typer.echo(
+                f"warning: {unknown} timed-out or rolled-back device(s) not checked on the broker: {exc}", err=True
+            )
     _render_status(view, output)
 
 

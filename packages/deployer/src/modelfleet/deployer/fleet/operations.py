@@ -206,9 +206,12 @@ def create_rollout(store: FleetStore, backend: FleetBackend, spec: RolloutSpec) 
     return RolloutEngine(store, backend).create(spec)
 
 
-def check_late(store: FleetStore, backend: FleetBackend, name: str) -> list[str]:
-    """Mark the rollout's timed-out devices that have applied its version since as `late`."""
-    return RolloutEngine(store, backend).converged_late(name)
+def check_devices(store: FleetStore, backend: FleetBackend, name: str) -> None:
+    """Look up on the fleet what the stored rollout cannot know: timed-out devices that applied
+    its version since (`late`), rolled-back devices that reported on the rollback."""
+    engine = RolloutEngine(store, backend)
+    engine.converged_late(name)
+    engine.confirm_rollbacks(name)
 
 
 def drive(

@@ -541,6 +541,28 @@ class RolloutEngine:
         self.store.set_states(name, changes)
         return [dev for dev, *_ in changes]
 
+    def confirm_rollbacks(self, name: str) -> list[str]:
+        """Note on the rollout's rolled-back devices whether they reported on the rollback:
+        applied and serving what they had before (no model, for one that had none), or refused."""
+        confirmed = []
+        for d in self.store.devices(name, states=("rolled_back",)):
+            info = self.backend.device(d.device_id)
+            if d.confirmed or d.desired_version is None or info is None:
+                continue
+            want = d.previous.key if d.previous else None
+            outcome = info.outcome(d.desired_version)
+            if outcome == "applied" and info.active == want:
+                note = f"it serves {want} again" if want else "it serves no model now"
+            elif outcome == "failed":
+                note = f"the device refused the rollback: {info.stage + ': ' if info.stage else ''}{info.reason or 'failed'}"
+            else:
+                continue  # not there yet (offline, still applying), or moved on since
+            d.reason = (d.reason + "; " if d.reason else "") + note
+            d.confirmed = True
+            confirmed.append(d)
+        self.store.update_devices(confirmed)
+        return [d.device_id for d in confirmed]
+
     def _roll_back(self, devices: list[RolloutDevice]) -> None:
         if not devices:
             return
@@ -556,6 +578,7 @@ class RolloutEngine:
             d.state = "rolled_back"
             # the rollback's `$version`: the device's report on it confirms the rollback
             d.desired_version = versions.get(d.device_id, d.desired_version)
+            d.confirmed = False
         self.store.update_devices(devices)
 
     def _fail(self, r: Rollout, reason: str) -> Rollout:
@@ -623,6 +646,7 @@ class RolloutEngine:
                     "previous": d.previous.key if d.previous else None,
                     "reason": d.reason,
                     "joined": d.joined,
+                    "confirmed": d.confirmed,
                 }
                 for d in devices
             ],

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS fleet_rollout_devices (
     reason TEXT,
     updated_at REAL NOT NULL,
     joined INTEGER NOT NULL DEFAULT 0,
+    confirmed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (rollout, device_id)
 );
 CREATE INDEX IF NOT EXISTS fleet_rollout_devices_device ON fleet_rollout_devices (device_id);
@@ -82,6 +83,7 @@ _ADDED_COLUMNS = {
     },
     "fleet_rollout_devices": {
         "joined": "INTEGER NOT NULL DEFAULT 0",
+        "confirmed": "INTEGER NOT NULL DEFAULT 0",
     },
 }
 
@@ -160,6 +162,7 @@ class RolloutDevice:
     reason: str | None = None
     updated_at: float = 0.0
     joined: bool = False  # matched the target after the rollout was created
+    confirmed: bool = False  # rolled back, and the device reported on the rollback
 
 
 def _row_rollout(row: sqlite3.Row) -> Rollout:
@@ -202,6 +205,7 @@ def _row_device(row: sqlite3.Row) -> RolloutDevice:
         reason=row["reason"],
         updated_at=row["updated_at"],
         joined=bool(row["joined"]),
+        confirmed=bool(row["confirmed"]),
     )
 
 
@@ -493,6 +497,7 @@ class FleetStore:
                 d.desired_version,
                 json.dumps(d.previous.to_dict()) if d.previous else None,
                 d.reason,
+                int(d.confirmed),
                 now,
                 d.rollout,
                 d.device_id,
@@ -504,7 +509,7 @@ class FleetStore:
         with self._write() as conn:
             conn.executemany(
                 "UPDATE fleet_rollout_devices SET state = ?, desired_version = ?, previous = ?, reason = ?, "
-                "updated_at = ? WHERE rollout = ? AND device_id = ?",
+                "confirmed = ?, updated_at = ? WHERE rollout = ? AND device_id = ?",
                 rows,
             )
 
