@@ -162,6 +162,18 @@ def test_cancel_stops_a_stalled_download_at_once_and_keeps_its_bytes(
     assert blob_server.ranges[-1] == f"bytes={len(PAYLOAD) // 2}-"
 
 
+def test_a_stalled_download_times_out_after_timeout_s_and_keeps_its_bytes(
+    tmp_path: Path, blob_server: BlobServer
+) -> None:
+    ref = blob_server.add(PAYLOAD)
+    blob_server.stall_after = len(PAYLOAD) // 2
+    store = store_at(tmp_path, blob_server, timeout_s=0.5)
+    with pytest.raises(ArtifactError, match=r"connection lost \(timed out\)") as info:
+        store.fetch(ref, threading.Event())
+    assert info.value.transient  # retried with backoff, resuming from what arrived
+    assert store.partial_size(ref) == len(PAYLOAD) // 2
+
+
 def test_file_url_is_refused_unless_the_config_allows_it(tmp_path: Path) -> None:
     blob = tmp_path / "model.onnx"
     blob.write_bytes(PAYLOAD)
