@@ -95,14 +95,16 @@ def test_runtime_builds_leave_no_dangling_image_and_old_deps_images_go(
 
     import docker.errors
 
-    oldest_runtime, oldest_deps = built[0]
+    # the newest runtime images stay; of the deps images only the newest, which
+    # the next runtime build (a changed modelfleet-scoring) would start from
     with pytest.raises(docker.errors.ImageNotFound):
-        docker_client.images.get(oldest_runtime)
-    with pytest.raises(docker.errors.ImageNotFound):
-        docker_client.images.get(oldest_deps)
-    for runtime, deps_id in built[1:]:
+        docker_client.images.get(built[0][0])
+    for runtime, _deps in built[1:]:
         docker_client.images.get(runtime)
-        docker_client.images.get(deps_id)
+    for _runtime, deps_id in built[:-1]:
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_client.images.get(deps_id)
+    docker_client.images.get(built[-1][1])
 
 
 def test_failed_build_removes_the_images_its_finished_steps_made(

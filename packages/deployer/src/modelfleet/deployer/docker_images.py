@@ -65,7 +65,8 @@ LABEL_BASE = "modelfleet.base"  # on runtime images: the base image id
 LABEL_USER_DEPS = "modelfleet.user-deps"  # on runtime images: the user wheelhouse key
 LABEL_DEPS = "modelfleet.deps"  # on runtime images: the deps image id whose venv they copy
 LABEL_EXTRA_STEPS = "modelfleet.extra-steps"  # on service images: extraDockerfileSteps key
-RUNTIME_IMAGES_KEPT = 3
+RUNTIME_IMAGES_KEPT = 3  # per base image
+DEPS_IMAGES_KEPT = 1  # per base image, besides the one the newest runtime image used
 
 
 class ImageBuildError(DeploymentError):
@@ -378,7 +379,7 @@ def prune_runtime_images(
     client: Any, keep: str, base_id: str, newest: int = RUNTIME_IMAGES_KEPT
 ) -> list[str]:
     """Untag runtime images on `base_id` no container uses, beyond the `newest`
-    few, then the dependencies images that no remaining runtime image was built from.
+    few, then the dependencies images no longer needed to build one.
 
     Each change of modelfleet-scoring (or of a user's requirements) makes a new
     runtime image; without this they pile up at a few hundred MB each. Counted
@@ -393,16 +394,18 @@ def prune_runtime_images(
         if keep in image.tags or client.containers.list(all=True, filters={"ancestor": image.id}):
             continue
         removed += _untag(client, image)
-    # A deps image is only the cache for rebuilding a runtime image of the same
-    # dependencies; the newest ones stay, so a build in flight keeps its own.
-    used = {
-        str((img.labels or {}).get(LABEL_DEPS, ""))
-        for img in client.images.list(filters={"label": f"{LABEL_KIND}=runtime"})
-    }
+    # A deps image is only the cache for building a runtime image of the same
+    # dependencies again (modelfleet-scoring changed, its dependencies did not):
+    # the one the newest runtime image came from stays, and the newest one, so
+    # that a build in flight keeps its own. A runtime image holds its own copy of
+    # the venv, so removing its deps image does not break it.
+    runtimes = client.images.list(filters={"label": [f"{LABEL_KIND}=runtime", on_base]})
+    runtimes.sort(key=lambda img: str(img.attrs.get("Created", "")), reverse=True)
+    wanted = {str((runtimes[0].labels or {}).get(LABEL_DEPS, ""))} if runtimes else set()
     deps = client.images.list(filters={"label": [f"{LABEL_KIND}=deps", on_base]})
     deps.sort(key=lambda img: str(img.attrs.get("Created", "")), reverse=True)
-    for image in deps[newest:]:
-        if image.id not in used:
+    for image in deps[DEPS_IMAGES_KEPT:]:
+        if image.id not in wanted:
             removed += _untag(client, image)
     return removed
 
