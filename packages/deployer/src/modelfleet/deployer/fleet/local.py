@@ -212,7 +212,7 @@ def _roll(
 
     def show(r: Any) -> None:
         for entry in r.stage_log[reported[0]:]:
-            progress(f"  stage {entry['stage']} ({entry['percent']}%, {entry['devices']} devices): "
+            progress(f"  stage {entry['stage']} ({entry['percent']}%, {entry['devices']} device{'' if entry['devices'] == 1 else 's'}): "
                      f"{entry['result']} in {entry['seconds']:.2f}s")
         reported[0] = len(r.stage_log)
 
