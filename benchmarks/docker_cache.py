@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from modelfleet.deployer import wheelhouse
+from modelfleet.deployer import docker_images, wheelhouse
 from modelfleet.deployer.samples import make_digits_onnx
 from modelfleet.deployer.targets.base import (
     DeploymentConfig,
@@ -85,9 +85,7 @@ def main() -> None:
         model = ModelBinding("digits", 1, onnx, hashlib.sha256(onnx.read_bytes()).hexdigest())
         deployment = DeploymentConfig(cpu_cores=1.0, memory_gb=0.5)
         # warm: base image and scoring wheelhouse, which every variant shares
-        target.build(
-            ServiceSpec("bench-cache", (model,), InferenceConfig(), deployment, tmp / "w"), quiet
-        )
+        docker_images.prepare(client=client)
         before = snapshot(client)
         started = time.perf_counter()
         real_scoring = wheelhouse.scoring_wheelhouse
