@@ -113,3 +113,49 @@ def test_cli_docker_base_image_prepares_cached_images(tmp_path: Path, docker_cli
     bad = run(home, "docker", "base-image", "--base-image", "modelfleet/absent:0", ok=False)
     assert bad.returncode != 0
     assert "images are never pulled" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_inference_config_extra_dockerfile_steps(
+    tmp_path: Path, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    home = tmp_path / "home"
+    svc = f"cli-steps-{uuid.uuid4().hex[:6]}"
+    run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx))
+    run(home, "model", "register", "-n", "digits", "-p", str(digits_onnx_v2))
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "score.py").write_text(
+        "import os\n\ndef init():\n    pass\n\n"
+        "def run(data):\n    return {'foo': os.environ['FOO'], 'tool': open('/etc/tool').read()}\n"
+    )
+    (project / "src" / "tool.txt").write_text("from-source")
+    (project / "steps.docker").write_text("ENV FOO=bar\nCOPY tool.txt /etc/tool\n")
+    ic = project / "inferenceconfig.json"
+    ic.write_text(
+        json.dumps(
+            {
+                "entryScript": "score.py",
+                "sourceDirectory": "src",
+                "extraDockerfileSteps": "steps.docker",  # relative to this file, as Azure ML
+            }
+        )
+    )
+    body = json.dumps({"data": [[0.0]]})
+    run(home, "deploy", svc, "-m", "digits:1", "-ic", str(ic), "--target", "docker")
+    try:
+        answer = json.loads(run(home, "service", "call", svc, "-d", body).stdout)
+        assert answer == {"foo": "bar", "tool": "from-source"}, answer
+        # unchanged steps: the update hot-swaps as usual
+        run(home, "service", "update", svc, "-m", "digits:2")
+        shown = json.loads(run(home, "service", "show", svc, "-o", "json").stdout)
+        assert shown["models"] == ["digits:2"] and shown["state"] == "healthy"
+    finally:
+        run(home, "service", "delete", svc)
+
+    (project / "steps.docker").write_text("ENV FOO=bar\nRUN exit 3\n")
+    failed = run(home, "deploy", svc, "-m", "digits:1", "-ic", str(ic), "--target", "docker",
+                 ok=False)  # fmt: skip
+    assert failed.returncode != 0
+    assert "extraDockerfileSteps steps.docker line 2: RUN exit 3" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert json.loads(run(home, "service", "list", "-o", "json").stdout) == []
