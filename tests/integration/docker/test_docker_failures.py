@@ -181,3 +181,24 @@ def test_ready_timeout_set_after_import_bounds_the_wait(
     assert "MODELFLEET_DOCKER_READY_TIMEOUT" in err.value.hint
     assert time.monotonic() - started < 60, "the 2 s bound, not the 120 s default"
     assert containers_of(docker_client, spec.name) == []
+
+
+def test_keys_that_cannot_be_given_to_the_server_user_stop_the_deploy(
+    make_spec: SpecFactory,
+    docker_target: DockerTarget,
+    docker_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from modelfleet.deployer.targets import docker as docker_target_module
+
+    def not_root(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    # as for a deployer that is not root (a docker group member)
+    monkeypatch.setattr(docker_target_module.os, "chown", not_root)
+    spec = make_spec()
+    with pytest.raises(DeploymentError, match=r"cannot hand the service's keys to the container "
+                       r"user \(uid 10001\): .*Operation not permitted") as err:  # fmt: skip
+        docker_target.deploy(spec, lambda _line: None)
+    assert "run the docker target as root" in err.value.hint
+    assert containers_of(docker_client, spec.name) == []

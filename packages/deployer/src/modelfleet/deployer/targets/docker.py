@@ -168,11 +168,11 @@ class DockerTarget:
             )
         tag, release, _built = self.build(spec, progress)
         port = spec.deployment.port or free_port()
-        keys_file = write_keys(spec, spec.workdir)
-        admin_key_file = write_admin_key(spec.workdir)
-        _give_to_server(spec.workdir, [keys_file, admin_key_file])
-        progress(f"starting container {container_name} on 127.0.0.1:{port}")
         try:
+            keys_file = write_keys(spec, spec.workdir)
+            admin_key_file = write_admin_key(spec.workdir)
+            _give_to_server(spec.workdir, [keys_file, admin_key_file])
+            progress(f"starting container {container_name} on 127.0.0.1:{port}")
             container = self._run(spec, tag, port, keys_file)
             _wait_ready(container, port, progress, timeout)
         except BaseException:
