@@ -44,3 +44,31 @@ def test_broken_conda_file_is_named(tmp_path: Path) -> None:
     conda.write_text("- just\n- a list\n")
     with pytest.raises(DeploymentError, match=r"expected a mapping with 'dependencies'"):
         user_requirements(None, conda)
+
+
+def test_old_scoring_wheelhouses_are_pruned_beyond_the_newest(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from modelfleet.deployer.wheelhouse import prune_scoring_wheelhouses
+
+    now = time.time()
+    ages_h = {"scoring-a": 9, "scoring-b": 8, "scoring-c": 7, "scoring-d": 6, "scoring-young": 0.1}
+    for name, age in ages_h.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.whl").write_bytes(b"wheel")
+        os.utime(tmp_path / name, (now - age * 3600, now - age * 3600))
+    (tmp_path / "reqs-1").mkdir()  # a user's requirements wheelhouse: never touched here
+    os.utime(tmp_path / "reqs-1", (now - 99 * 3600, now - 99 * 3600))
+    current = tmp_path / "scoring-current"
+    current.mkdir()
+
+    removed = prune_scoring_wheelhouses(tmp_path, keep=current)
+    # current + the two newest others stay; of the rest only those an hour old go
+    assert sorted(p.name for p in removed) == ["scoring-a", "scoring-b", "scoring-c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "reqs-1",
+        "scoring-current",
+        "scoring-d",
+        "scoring-young",
+    ]

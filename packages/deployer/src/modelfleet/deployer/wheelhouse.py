@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -197,7 +198,39 @@ def scoring_wheelhouse(progress: Progress = lambda _line: None) -> Wheelhouse:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"wheelhouse {final.name} ready")
+    prune_scoring_wheelhouses(final.parent, keep=final)
     return Wheelhouse(final, key)
+
+
+SCORING_WHEELHOUSES_KEPT = 3
+# A wheelhouse younger than this may be what a build in flight is reading.
+WHEELHOUSE_MIN_AGE_S = 3600.0
+
+
+def prune_scoring_wheelhouses(
+    root: Path,
+    keep: Path,
+    newest: int = SCORING_WHEELHOUSES_KEPT,
+    min_age_s: float = WHEELHOUSE_MIN_AGE_S,
+) -> list[Path]:
+    """Remove scoring wheelhouses beyond the `newest` few (about 50 MB each; every
+    change of modelfleet-scoring's sources makes one), once older than `min_age_s`.
+
+    Images built from them do not need them; a removed one is rebuilt if needed.
+    """
+    now = time.time()
+    found = sorted(
+        (d for d in root.glob("scoring-*") if d.is_dir() and d != keep),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    removed: list[Path] = []
+    for folder in found[max(newest - 1, 0) :]:
+        if now - folder.stat().st_mtime < min_age_s:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _installed_scoring_wheelhouse(progress: Progress) -> Wheelhouse:
