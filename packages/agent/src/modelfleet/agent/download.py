@@ -76,14 +76,9 @@ class _HTTPConnection(http.client.HTTPConnection):
         self._cutter.add(self.sock)
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, cutter: LinkCutter, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._cutter = cutter
-
-    def connect(self) -> None:
-        super().connect()
-        self._cutter.add(self.sock)
+class _HTTPSConnection(_HTTPConnection, http.client.HTTPSConnection):
+    # MRO: _HTTPConnection.connect -> HTTPSConnection.connect (TLS wrap), so the TLS socket is handed over
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
