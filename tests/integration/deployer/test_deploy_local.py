@@ -341,3 +341,20 @@ def test_replicas_and_autoscale_are_not_applied_locally_and_show_why(
     assert "workers" in table and "numReplicas 3 and autoScaler ignored" in table
     plain = _deploy(cli, "unscaled", "--no-auth")
     assert plain["workers"] == 1 and "note" not in plain
+
+
+def test_container_image_fields_are_not_applied_locally_and_show_why(
+    cli: Cli, digits_models: Registry, tmp_path: Path
+) -> None:
+    steps = tmp_path / "steps.docker"
+    steps.write_text("ENV FOO=bar\n")
+    ic = tmp_path / "inferenceconfig.json"
+    ic.write_text(json.dumps({"runtime": "python", "extraDockerfileSteps": str(steps)}))
+    out = cli("deploy", "imagefields", "-m", "digits:1", "-ic", str(ic), "--no-auth")
+    assert out.exit_code == 0, out.output
+    note = (
+        "extraDockerfileSteps ignored: they shape a container image; "
+        "the local target runs in this machine's Python environment (use --target docker)"
+    )
+    assert f"-> {note}" in out.stderr
+    assert json.loads(cli("service", "show", "imagefields", "-o", "json").stdout)["note"] == note

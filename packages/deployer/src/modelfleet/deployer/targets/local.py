@@ -120,24 +120,36 @@ def model_dir_for(models: tuple[ModelBinding, ...], workdir: Path) -> Path:
 
 
 def scaling_note(spec: ServiceSpec) -> str:
-    """Why numReplicas / autoScaler are not applied (empty when none was asked for).
+    """What of the configs the local target does not apply, and why (empty when nothing).
 
     One server process, not `serve --workers N`: the workers share one socket, so
     an update's load request reaches only one of them and the others would keep
-    serving the old version.
+    serving the old version. Image fields need a container: the local target runs
+    in this machine's Python environment.
     """
-    dep = spec.deployment
+    dep, inf = spec.deployment, spec.inference
+    notes = []
     ignored = []
     if dep.replicas > 1:
         ignored.append(f"numReplicas {dep.replicas}")
     if dep.autoscale_enabled:
         ignored.append("autoScaler")
-    if not ignored:
-        return ""
-    return (
-        f"{' and '.join(ignored)} ignored: the local target runs one server process "
-        "(an update's hot-swap would reach only one of several workers)"
-    )
+    if ignored:
+        notes.append(
+            f"{' and '.join(ignored)} ignored: the local target runs one server process "
+            "(an update's hot-swap would reach only one of several workers)"
+        )
+    image = [
+        field
+        for field, value in (("baseImage", inf.base_image), ("extraDockerfileSteps", inf.extra_dockerfile_steps))
+        if value
+    ]
+    if image:
+        notes.append(
+            f"{' and '.join(image)} ignored: they shape a container image; "
+            "the local target runs in this machine's Python environment (use --target docker)"
+        )
+    return "; ".join(notes)
 
 
 def _entry_script_path(spec: ServiceSpec) -> Path | None:
