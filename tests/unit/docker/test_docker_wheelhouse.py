@@ -72,3 +72,39 @@ def test_old_scoring_wheelhouses_are_pruned_beyond_the_newest(tmp_path: Path) ->
         "scoring-d",
         "scoring-young",
     ]
+
+
+def test_a_cached_scoring_wheelhouse_counts_as_used_when_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning goes by last use: a build reusing an old wheelhouse keeps it alive."""
+    import os
+    import time
+
+    from modelfleet.deployer.wheelhouse import (
+        find_workspace_root,
+        prune_scoring_wheelhouses,
+        scoring_wheelhouse,
+        scoring_wheelhouse_key,
+    )
+
+    root = find_workspace_root()
+    assert root is not None, "the tests run from the source checkout"
+    monkeypatch.setenv("MODELFLEET_CACHE_DIR", str(tmp_path))
+    houses = tmp_path / "wheelhouse"
+    cached = houses / f"scoring-{scoring_wheelhouse_key(root)}"
+    cached.mkdir(parents=True)
+    (cached / "requirements.txt").write_text("")
+    day_ago = time.time() - 24 * 3600
+    others = []
+    for n in range(3):  # three newer wheelhouses, made by builds of other sources
+        other = houses / f"scoring-other{n}"
+        other.mkdir()
+        os.utime(other, (day_ago + 3600 * (n + 1),) * 2)
+        others.append(other)
+    os.utime(cached, (day_ago, day_ago))
+
+    assert scoring_wheelhouse().path == cached  # reused, not rebuilt
+    assert time.time() - cached.stat().st_mtime < 3600
+    removed = prune_scoring_wheelhouses(houses, keep=houses / "scoring-new")
+    assert cached.is_dir() and sorted(removed) == others[:2]

@@ -9,6 +9,7 @@ by a hash of its inputs and reused while that hash holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -137,18 +138,28 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def scoring_wheelhouse_key(root: Path) -> str:
+    """The scoring wheelhouse's key: the lockfile and modelfleet-scoring's sources."""
+    lock = (root / "uv.lock").read_bytes()
+    scoring_src = root / "packages" / "scoring"
+    return hashlib.sha256(
+        b"scoring-v1\0" + hashlib.sha256(lock).digest() + _digest_tree(scoring_src).encode()
+    ).hexdigest()[:16]
+
+
 def scoring_wheelhouse(progress: Progress = lambda _line: None) -> Wheelhouse:
     """Wheels of modelfleet-scoring and its locked dependencies."""
     root = find_workspace_root()
     if root is None:
         return _installed_scoring_wheelhouse(progress)
-    scoring_src = root / "packages" / "scoring"
-    lock = (root / "uv.lock").read_bytes()
-    key = hashlib.sha256(
-        b"scoring-v1\0" + hashlib.sha256(lock).digest() + _digest_tree(scoring_src).encode()
-    ).hexdigest()[:16]
+    key = scoring_wheelhouse_key(root)
     final = cache_root() / "wheelhouse" / f"scoring-{key}"
     if (final / "requirements.txt").is_file():
+        # Its mtime says when it was last used: the pruning below (in another
+        # build) keeps the recently used ones, so a build reading this one now
+        # does not lose it.
+        with contextlib.suppress(OSError):
+            os.utime(final)
         progress(f"wheelhouse {final.name} is cached")
         return Wheelhouse(final, key)
     if not shutil.which("uv"):
@@ -214,19 +225,23 @@ def prune_scoring_wheelhouses(
     min_age_s: float = WHEELHOUSE_MIN_AGE_S,
 ) -> list[Path]:
     """Remove scoring wheelhouses beyond the `newest` few (about 50 MB each; every
-    change of modelfleet-scoring's sources makes one), once older than `min_age_s`.
+    change of modelfleet-scoring's sources makes one), once unused for `min_age_s`
+    (a folder's mtime is refreshed each time a build uses it).
 
     Images built from them do not need them; a removed one is rebuilt if needed.
     """
     now = time.time()
-    found = sorted(
-        (d for d in root.glob("scoring-*") if d.is_dir() and d != keep),
-        key=lambda d: d.stat().st_mtime,
-        reverse=True,
-    )
+    used: list[tuple[float, Path]] = []  # (last used, folder)
+    for folder in root.glob("scoring-*"):
+        try:
+            if folder.is_dir() and folder != keep:
+                used.append((folder.stat().st_mtime, folder))
+        except OSError:
+            continue  # removed meanwhile by another build's pruning
+    used.sort(reverse=True)
     removed: list[Path] = []
-    for folder in found[max(newest - 1, 0) :]:
-        if now - folder.stat().st_mtime < min_age_s:
+    for mtime, folder in used[max(newest - 1, 0) :]:
+        if now - mtime < min_age_s:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
