@@ -242,6 +242,15 @@ def test_desired_no_model_unloads_then_the_model_comes_back(
     assert r.status_code == 503 and "no model loaded" in r.json()["error"]
     assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 503
 
+    def unload_record() -> dict[str, Any] | None:
+        # the record that carries the unload's swap event was collected after the unload
+        return next((rec for rec in controller.telemetry_records("dev-none")
+                     if any(s["to"] is None for s in rec["swaps"])), None)
+
+    record = wait_until(unload_record, 15, "the unload in telemetry")
+    assert [(s["from"], s["ok"]) for s in record["swaps"] if s["to"] is None] == [("digits:1", True)]
+    assert record["model"] is None  # not the unloaded version's name
+
     on = controller.desire("dev-none", v1)
     report = controller.wait_reported("dev-none", on, "applied")
     assert report.active is not None and report.active.version == 1
