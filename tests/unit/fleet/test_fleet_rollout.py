@@ -453,6 +453,30 @@ def test_a_timed_out_device_that_applies_later_is_shown_as_late(
     assert engine.converged_late("r") == []
 
 
+def test_a_device_rolled_back_after_status_read_it_as_timed_out_is_not_marked_late(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, backend, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), max_failure=0.1, timeout_s=60))
+    engine.step("r")
+    offline = engine.store.devices("r", states=("pending",))[0].device_id
+    backend.set_online(offline, False)
+    for d in engine.store.devices("r", states=("pending",)):
+        if d.device_id != offline:
+            backend.report(d.device_id, "applied")
+    clock.now += 61
+    assert engine.step("r").state == "succeeded"
+    backend.set_online(offline, True)
+    backend.report(offline, "applied")  # converged: it serves the rollout's version
+    # `rollout status` read the timed-out devices, then the rollout was rolled back before it wrote
+    stale = engine.store.timed_out("r")
+    engine.rollback("r")
+    monkeypatch.setattr(engine.store, "timed_out", lambda name: stale)
+    assert engine.converged_late("r") == []
+    [row] = [d for d in engine.store.devices("r") if d.device_id == offline]
+    assert row.state == "rolled_back"
+
+
 def test_a_device_that_applies_after_its_stage_timed_out_turns_late_while_the_rollout_goes_on(
     fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
 ) -> None:

@@ -535,11 +535,12 @@ class RolloutEngine:
         return changes
 
     def converged_late(self, name: str) -> list[str]:
-        """Mark the rollout's timed-out devices that have applied its version since as `late`."""
+        """Mark the rollout's timed-out devices that have applied its version since as `late`.
+
+        `rollout status` calls this beside a live controller, which may roll a timed-out device
+        back meanwhile: only a device still `timeout` when written turns `late`."""
         r = self.store.get(name)
-        changes = self._late(r, self.store.timed_out(name))
-        self.store.set_states(name, changes)
-        return [dev for dev, *_ in changes]
+        return self.store.change_states(name, "timeout", self._late(r, self.store.timed_out(name)))
 
     def confirm_rollbacks(self, name: str) -> list[str]:
         """Note on the rollout's rolled-back devices whether they reported on the rollback:

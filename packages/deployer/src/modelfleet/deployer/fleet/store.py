@@ -470,6 +470,23 @@ class FleetStore:
                 rows,
             )
 
+    def change_states(
+        self, name: str, only_from: str, changes: Iterable[tuple[str, str, int | None, str | None]]
+    ) -> list[str]:
+        """`set_states` for devices still in state `only_from` when written (another process may
+        have moved them since they were read); the devices changed."""
+        now = time.time()
+        changed: list[str] = []
+        with self._write() as conn:
+            for device, state, version, reason in changes:
+                if conn.execute(
+                    "UPDATE fleet_rollout_devices SET state = ?, desired_version = ?, reason = ?, updated_at = ? "
+                    "WHERE rollout = ? AND device_id = ? AND state = ?",
+                    (state, version, reason, now, name, device, only_from),
+                ).rowcount:
+                    changed.append(device)
+        return changed
+
     def mark_issuing(self, name: str, previous: Mapping[str, ModelVersionRef | None]) -> None:
         """Remember each device's previous desired state, before ours is published."""
         now = time.time()
