@@ -425,6 +425,26 @@ def test_paused_time_does_not_count_against_the_stage_timeout(
     assert [d.device_id for d in engine.store.devices("r", states=("timeout",))] == [offline]
 
 
+def test_a_failed_stage_logs_its_watched_seconds_beside_the_wall_clock(
+    fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
+) -> None:
+    engine, _, clock = fleet
+    engine.create(RolloutSpec("r", ref(2), stages=(100,), timeout_s=60))
+    engine.step("r")
+    clock.now += 30
+    engine.step("r")
+    engine.pause("r")
+    clock.now += 1000
+    engine.step("r")
+    engine.resume("r")
+    engine.step("r")
+    clock.now += 31
+    r = engine.step("r")
+    assert r.state == "failed"
+    entry = r.stage_log[-1]
+    assert (entry["result"], entry["watched_s"], entry["seconds"]) == ("failed", 61, 1061)
+
+
 def test_a_timed_out_device_that_applies_later_is_shown_as_late(
     fleet: tuple[RolloutEngine, MemoryFleetBackend, Clock],
 ) -> None:

@@ -592,6 +592,7 @@ class RolloutEngine:
                 "percent": r.stages[r.stage],
                 "devices": len(devices),
                 "seconds": round(self.clock() - (r.stage_started_at or self.clock()), 3),
+                "watched_s": round(r.stage_elapsed_s, 3),
                 "result": "failed",
                 "reason": reason,
             }
