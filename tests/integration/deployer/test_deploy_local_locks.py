@@ -183,11 +183,24 @@ def test_a_deploy_killed_mid_init_can_be_deleted(
     deploy = _modelfleet(home, "deploy", "dropped", "-m", "digits:1", "--entry-script", str(slow_script))
     assert _poll(lambda: bool(_server_pids(home, "dropped"))), deploy.stderr
     _kill(deploy)
-    hold.unlink()  # the orphan stops on SIGTERM once init() returns, not after the kill timeout
-    deleted = cli("service", "delete", "dropped")
-    assert deleted.exit_code == 0, deleted.output
-    assert "stopping the scoring server left by an interrupted deploy" in deleted.stderr
-    assert _poll(lambda: not _server_pids(home, "dropped"), 15)
+    orphans = _server_pids(home, "dropped")
+    # Another process naming the admin key file (not as the server's option) is no
+    # server: e.g. a `tail` of it run from a shell (its own process group).
+    key_file = home / "services" / "dropped" / "secrets" / "admin.key"
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", str(key_file.resolve())],
+        start_new_session=True,
+    )
+    try:
+        hold.unlink()  # the orphan stops on SIGTERM once init() returns, not after the kill timeout
+        deleted = cli("service", "delete", "dropped")
+        assert deleted.exit_code == 0, deleted.output
+        assert "stopping the scoring server left by an interrupted deploy" in deleted.stderr
+        assert _poll(lambda: not any(_alive(pid) for pid in orphans), 15)
+        assert bystander.poll() is None, "only the scoring server is stopped"
+    finally:
+        bystander.kill()
+        bystander.wait(10)
     assert json.loads(cli("service", "list", "-o", "json").stdout) == []
     assert not (home / "services" / "dropped").exists()
 

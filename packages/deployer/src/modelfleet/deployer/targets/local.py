@@ -369,8 +369,9 @@ class LocalTarget:
             _stop_process(int(data["pid"]), str(data["admin_key_file"]))
         elif data.get("workdir"):
             # A deploy killed before it recorded the pid: its server (own session,
-            # so it outlived the CLI) is found by the admin key path in its command line.
-            marker = str(Path(data["workdir"]) / ADMIN_KEY_FILE)
+            # so it outlived the CLI) is found by its admin key option on its command
+            # line (the option too, so that e.g. a `tail` of that file is left alone).
+            marker = f"--admin-key-file {Path(data['workdir']) / ADMIN_KEY_FILE}"
             for pid in _processes_with(marker):
                 progress(f"stopping the scoring server left by an interrupted deploy (pid {pid})")
                 _stop_process(pid, marker)
