@@ -340,6 +340,9 @@ def test_status_of_a_paused_rollout_shows_the_watched_time_of_its_stage(run, tmp
     [
         ("http://ops@broker.example", "broker URL 'http://broker.example' is not mqtt://host[:port]"),
         ("mqtt://ops@broker.example:port", "broker URL 'mqtt://broker.example:port' has an invalid port"),
+        # typed with the password in it, but malformed: no URL parser finds the password to hide
+        ("ops:s3cret@broker.example:1883", "broker URL 'broker.example:1883' is not mqtt://host[:port]"),
+        ("mqtt//ops:s3cret@broker.example", "broker URL 'broker.example' is not mqtt://host[:port]"),
     ],
 )
 def test_a_bad_broker_url_never_shows_the_password(

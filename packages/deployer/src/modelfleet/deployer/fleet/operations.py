@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from modelfleet.agent.modelref import ModelRefError, ModelVersionRef
-from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend
+from modelfleet.deployer.fleet.backends.base import DeviceInfo, FleetBackend, redact_url
 from modelfleet.deployer.fleet.query import check_tag_key, parse_query
 from modelfleet.deployer.fleet.rollout import (
     RolloutEngine,
@@ -61,7 +61,7 @@ def broker_url(
     if not parts.username:
         if from_file is not None:
             raise FleetError(
-                f"--broker-password-file {password_file}: the broker URL {_without_credentials(url)} names no user",
+                f"--broker-password-file {password_file}: the broker URL {redact_url(url)} names no user",
                 hint="give the user in the URL, e.g. --broker mqtt://USER@host:1883",
             )
         return url  # MQTT sends a password only with a user name
@@ -88,10 +88,6 @@ def _with_credentials(url: str, username: str | None, password: str | None) -> s
         auth = quote(username, safe="") + (":" + quote(password, safe="") if password else "")
         host = f"{auth}@{host}"
     return urlunsplit(parts._replace(netloc=host))
-
-
-def _without_credentials(url: str) -> str:
-    return _with_credentials(url, None, None)
 
 
 def open_backend(url: str) -> FleetBackend:

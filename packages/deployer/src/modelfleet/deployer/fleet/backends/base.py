@@ -15,6 +15,16 @@ from typing import Any, Protocol
 from modelfleet.agent.modelref import ModelVersionRef
 
 
+def redact_url(url: str) -> str:
+    """A backend URL as a message or a log may show it: any `user:password@` dropped, also from
+    a malformed URL (`user:pw@host` without a scheme, `mqtt//...`) that a parser would not split."""
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, slashes, _ = head.partition("://")
+    return f"{scheme}://{host}" if slashes else host
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """One device as the fleet backend last saw it."""

@@ -37,7 +37,7 @@ from modelfleet.agent.protocol import (
     fleet_topic,
 )
 from modelfleet.agent.telemetry import percentile
-from modelfleet.deployer.fleet.backends.base import ChangeLog, DeviceInfo, TelemetrySummary
+from modelfleet.deployer.fleet.backends.base import ChangeLog, DeviceInfo, TelemetrySummary, redact_url
 from modelfleet.deployer.fleet.store import FleetError
 
 log = logging.getLogger("modelfleet.fleet.mqtt")
@@ -60,7 +60,7 @@ class MqttFleetSettings:
         """`mqtt://[user:password@]host[:port]` or `mqtts://...`."""
         parts = urlsplit(url)
         # an error never shows a password (it may have come from a file or the environment)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if parts.password else url
+        shown = redact_url(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise FleetError(
                 f"broker URL {shown!r} is not mqtt://host[:port] or mqtts://host[:port]",
