@@ -37,7 +37,12 @@ from modelfleet.agent.protocol import (
     fleet_topic,
 )
 from modelfleet.agent.telemetry import percentile
-from modelfleet.deployer.fleet.backends.base import ChangeLog, DeviceInfo, TelemetrySummary, redact_url
+from modelfleet.deployer.fleet.backends.base import (
+    ChangeLog,
+    DeviceInfo,
+    TelemetrySummary,
+    redact_url,
+)
 from modelfleet.deployer.fleet.store import FleetError
 
 log = logging.getLogger("modelfleet.fleet.mqtt")
