@@ -275,6 +275,8 @@ def test_a_rollout_stores_the_broker_url_and_user_never_the_password(monkeypatch
     secret = tmp_path / "secret"
     secret.write_text("from-file\n")
     assert broker_url(None, r, secret) == "mqtt://ctl:from-file@10.0.0.5:1884"  # the file wins
+    secret.write_text("  from-file  \nnot part of it\n")
+    assert broker_url(None, r, secret) == "mqtt://ctl:from-file@10.0.0.5:1884"  # its first line, trimmed
     # --broker (or $MODELFLEET_MQTT_URL) overrides the stored connection; a password in it wins over the env
     assert broker_url("mqtt://other:inline@127.0.0.1:1883", r) == "mqtt://other:inline@127.0.0.1:1883"
     monkeypatch.setenv("MODELFLEET_MQTT_URL", "mqtts://ops@broker.example:8883")
@@ -290,6 +292,7 @@ def test_a_rollout_stores_the_broker_url_and_user_never_the_password(monkeypatch
     [
         (None, "cannot read it: No such file or directory"),
         ("\n", "is empty"),
+        ("\ns3cret\n", "is empty (on its first line)"),
     ],
 )
 def test_bad_broker_password_file_is_one_clear_error(run, tmp_path: Path, content: str | None, message: str) -> None:  # type: ignore[no-untyped-def]

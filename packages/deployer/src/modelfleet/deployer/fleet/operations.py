@@ -71,13 +71,18 @@ def broker_url(
 
 def _read_password_file(path: Path) -> str:
     try:
-        password = path.read_text().strip()
+        # the first line, trimmed: an editor's trailing newline or a comment below is not part of it
+        lines = path.read_text().splitlines()
     except OSError as exc:
         raise FleetError(f"--broker-password-file {path}: cannot read it: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise FleetError(f"--broker-password-file {path}: not a text file") from None
+    password = lines[0].strip() if lines else ""
     if not password:
-        raise FleetError(f"--broker-password-file {path} is empty", hint="write the broker password in it, one line")
+        raise FleetError(
+            f"--broker-password-file {path} is empty (on its first line)",
+            hint="write the broker password on its first line",
+        )
     return password
 
 
