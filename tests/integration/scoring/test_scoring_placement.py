@@ -70,6 +70,22 @@ def test_inline_model_that_turns_slow_moves_to_the_pool(start_server, tmp_path, 
     assert "name=turns-slow" in moved[0]
 
 
+def test_slow_inline_calls_that_fail_also_move_the_model_to_the_pool(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a run() that gives up after a while (a backend timing out) blocks the loop as long as a slow answer
+    spec = ModelSpec(tmp_path, SCRIPTS / "score_turns_slow.py", name="turns-slow")
+    server = start_server(spec, inline_threshold_ms=2, scoring_timeout_ms=1000)
+    model = server.host.active
+    assert model is not None and model.inline
+    with server.client() as c:
+        for _ in range(3):
+            r = c.post("/score", json={"sleep_ms": -50})
+            assert r.status_code == 500
+            assert r.json()["error"] == "run() raised TimeoutError: gave up after 50 ms"
+        assert not model.inline and model.pool_only
+        assert _placement(c) == {"placement": "thread_pool", "moved_to_pool": True}
+        assert _gauge(c, "modelfleet_model_moved_to_pool_total") == "1"
+
+
 def test_rare_preemption_like_stalls_do_not_demote_a_fast_model() -> None:
     from modelfleet.scoring.host import DEMOTE_RECENT, DEMOTE_WINDOW, LoadedModel
 

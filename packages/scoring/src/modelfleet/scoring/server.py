@@ -266,9 +266,15 @@ class ScoringServer:
             if shape is not None:
                 result = shape(result)
         except Exception as exc:
+            # a call that fails after a long time blocked the loop all the same
+            self._observe_inline(model, started)
             return self._score_failed(req, rid, started, exc)
         finally:
             model.release()
+        self._observe_inline(model, started)
+        return self._render_result(req, rid, started, result, model)
+
+    def _observe_inline(self, model: LoadedModel, started: float) -> None:
         elapsed = time.perf_counter() - started
         if model.observe_inline_call(elapsed):
             self.metrics.moved_to_pool += 1
@@ -277,7 +283,6 @@ class ScoringServer:
                 model.name, model.version, elapsed * 1000,
                 "slow inline calls blocked the event loop; scored in the thread pool from now on",
             )
-        return self._render_result(req, rid, started, result, model)
 
     async def _score_pooled(
         self, req: Request, rid: str, model: LoadedModel, inp: ScoreInput, started: float,
