@@ -302,3 +302,31 @@ def test_server_runs_as_an_unprivileged_user_that_alone_reads_the_keys(
     assert score(record, old["secondary"]).status_code == 401
     after = docker_client.api.inspect_container(record.target_data["container_id"])["State"]
     assert after["StartedAt"] == started["StartedAt"] and after["Running"]
+
+
+def test_delete_of_an_interrupted_deploy_removes_its_container_and_image(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
+) -> None:
+    """A CLI killed before it recorded the deploy leaves a row with only the workdir."""
+    import docker.errors
+
+    from modelfleet.deployer.targets.base import InferenceConfig, ServiceRecord
+
+    (tmp_path / "src").mkdir()  # an image only this service uses
+    (tmp_path / "src" / "score.py").write_text(
+        f"# {tmp_path.name}\ndef init():\n    pass\ndef run(data):\n    return data\n"
+    )
+    spec = make_spec(
+        inference=InferenceConfig(source_directory=tmp_path / "src", entry_script="score.py")
+    )
+    record = docker_target.deploy(spec, lambda _line: None)
+    stale = ServiceRecord(
+        spec.name, "docker", "creating", target_data={"workdir": str(spec.workdir.resolve())}
+    )
+    try:
+        docker_target.delete(stale, lambda _line: None)
+        assert containers_of(docker_client, spec.name) == []
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_client.images.get(record.target_data["image"])
+    finally:
+        docker_target.delete(record, lambda _line: None)

@@ -332,18 +332,22 @@ class DockerTarget:
 
         client = self.client
         name = str(record.target_data.get("container_name") or _container_name(record.name))
+        tags = list(record.target_data.get("images") or [record.target_data.get("image")])
         try:
             container = client.containers.get(record.target_data.get("container_id") or name)
         except docker.errors.NotFound:
             progress(f"container {name} is already gone")
         else:
+            # A deploy killed before it recorded its image: the container names it.
+            ran = str((container.attrs.get("Config") or {}).get("Image") or "")
+            if ran.startswith(f"{images.SERVICE_REPO}:"):
+                tags.append(ran)
             progress(f"removing container {name}")
             _remove_container(container)
         # Service images go with the service (unless another service uses the same
         # content); base and runtime images stay cached for the next build.
         log.info("docker delete service=%s container=%s", record.name, name)
-        tags = list(record.target_data.get("images") or [record.target_data.get("image")])
-        for image in filter(None, tags):
+        for image in dict.fromkeys(filter(None, tags)):
             if images.remove_image_if_unused(client, str(image)):
                 progress(f"removed image {image}")
         # Builds leave no untagged image now; this clears what earlier ones left.
