@@ -23,12 +23,13 @@ class BlobServer:
     stall_after: int | None = None  # send this many body bytes of the next response, then go silent
     release: threading.Event = field(default_factory=threading.Event)  # ends a stall
     port: int = 0
+    scheme: str = "http"  # "https" when the server's socket is wrapped in TLS
 
     def add(self, data: bytes, *, name: str = "m", version: int = 1, **extra: Any) -> ModelVersionRef:
         sha = hashlib.sha256(data).hexdigest()
         self.blobs[sha] = data
         return ModelVersionRef(
-            name=name, version=version, url=f"http://127.0.0.1:{self.port}/v1/artifacts/{sha}",
+            name=name, version=version, url=f"{self.scheme}://127.0.0.1:{self.port}/v1/artifacts/{sha}",
             sha256=sha, size=len(data), **extra,
         )
 

@@ -127,9 +127,12 @@ def test_cancel_abandons_the_download_but_keeps_bytes_for_later(tmp_path: Path, 
     assert not store.is_installed(ref)
 
 
+@pytest.mark.parametrize("server", ["blob_server", "https_blob_server"])
 def test_cancel_stops_a_stalled_download_at_once_and_keeps_its_bytes(
-    tmp_path: Path, blob_server: BlobServer
+    tmp_path: Path, request: pytest.FixtureRequest, server: str
 ) -> None:
+    # over TLS too: the cutter shuts down the TLS connection's socket under the blocked read
+    blob_server: BlobServer = request.getfixturevalue(server)
     ref = blob_server.add(PAYLOAD)
     blob_server.stall_after = len(PAYLOAD) // 2
     store = store_at(tmp_path, blob_server, timeout_s=30.0)
@@ -157,7 +160,7 @@ def test_cancel_stops_a_stalled_download_at_once_and_keeps_its_bytes(
     assert store.partial_size(ref) == len(PAYLOAD) // 2  # kept for a Range resume
 
     blob_server.release.set()
-    store.fetch(ref)
+    store.fetch(ref, threading.Event())  # the resume through the cutter's connection classes
     assert store.is_installed(ref)
     assert blob_server.ranges[-1] == f"bytes={len(PAYLOAD) // 2}-"
 
