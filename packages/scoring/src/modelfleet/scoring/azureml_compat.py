@@ -19,8 +19,9 @@ from urllib.parse import parse_qsl
 import orjson
 
 RAW_ATTR = "__modelfleet_raw_request__"
-# the bodies Flask parses into request.form/.files (kept here: formdata.py imports werkzeug)
-_FORM_MIMETYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: the bodies Flask parses into request.form/.files (defined here, not in formdata.py,
+#: which imports werkzeug)
+FORM_MIMETYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 # The real module keeps this flag; scripts only ever apply the decorator.
 _rawHttpRequested = False
@@ -85,7 +86,7 @@ class AMLRequest:
     def get_data(self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False) -> Any:
         """The body; with parse_form_data, a form body is parsed into files/form and b"" returned (as Flask)."""
         data = self._body
-        if parse_form_data and self.mimetype in _FORM_MIMETYPES:
+        if parse_form_data and self.mimetype in FORM_MIMETYPES:
             self._parse_form()
             data = b""
         return data.decode("utf-8", "replace") if as_text else data
@@ -93,7 +94,7 @@ class AMLRequest:
     @property
     def data(self) -> bytes:
         """The body, empty for a form body (read `files`/`form`), as Flask's `request.data`."""
-        return b"" if self.mimetype in _FORM_MIMETYPES else self._body
+        return b"" if self.mimetype in FORM_MIMETYPES else self._body
 
     def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
         if not force and "json" not in self.mimetype:

@@ -17,9 +17,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
+from .azureml_compat import FORM_MIMETYPES
 from .errors import InputError
 
-FORM_MIMETYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 #: as Flask's default: many tiny parts cost parsing time out of proportion to the body size
 MAX_FORM_PARTS = 1000
 
