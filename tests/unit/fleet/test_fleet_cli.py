@@ -356,3 +356,35 @@ def test_a_bad_broker_url_never_shows_the_password(
     assert code != 0
     assert message in out
     assert "s3cret" not in out
+
+
+def test_list_counts_late_devices_as_applied_and_status_shows_them(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("dev-0")
+    backend.add("dev-1")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    now = [1000.0]
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend, clock=lambda: now[0])
+    engine.create(RolloutSpec("r", v2, max_failure=0.5, timeout_s=5))
+    engine.step("r")
+    backend.report("dev-0", "applied")
+    now[0] += 6
+    assert engine.step("r").state == "succeeded"
+    backend.report("dev-1", "applied")  # after its stage timed out
+    assert engine.converged_late("r") == ["dev-1"]
+
+    code, out = run("rollout", "list", "--output", "json")
+    assert code == 0
+    [row] = json.loads(out)
+    assert (row["devices"], row["applied"]) == (2, 2)
+    code, out = run("rollout", "status", "r")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("dev-1"))
+    assert "late" in line and "applied after its stage timed out (did not apply within 5s)" in line
