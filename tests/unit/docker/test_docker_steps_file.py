@@ -64,6 +64,22 @@ def test_key_follows_the_steps_and_the_files_a_copy_reads(tmp_path: Path) -> Non
     assert load_extra_steps(steps_file(tmp_path, "ENV FOO=baz\n"), src).key != key
 
 
+def test_key_follows_a_copied_symlink_and_skips_cache_folders(tmp_path: Path) -> None:
+    """The context keeps a symlink as a link: a new target is a new image."""
+    src = source(tmp_path)
+    (src / "conf" / "other.yaml").write_text("b: 1\n")
+    (src / "conf" / "current.yaml").symlink_to("app.yaml")
+    path = steps_file(tmp_path, "COPY conf /etc/conf\n")
+    first = load_extra_steps(path, src, skip_names=frozenset({"__pycache__"})).key
+    (src / "conf" / "current.yaml").unlink()
+    (src / "conf" / "current.yaml").symlink_to("other.yaml")
+    second = load_extra_steps(path, src, skip_names=frozenset({"__pycache__"})).key
+    assert second != first, "a symlink retargeted"
+    (src / "conf" / "__pycache__").mkdir()
+    (src / "conf" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    assert load_extra_steps(path, src, skip_names=frozenset({"__pycache__"})).key == second
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

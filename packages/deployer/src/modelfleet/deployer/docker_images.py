@@ -614,7 +614,7 @@ def stage_release(
             "MODEL_VERSION": model_version,
         }
         (tmp / "release.env").write_text("".join(f"{k}={_sh_quote(v)}\n" for k, v in env.items()))
-        release_id = _tree_digest(tmp)[:16]
+        release_id = docker_steps.tree_digest(tmp)[:16]
         if entry_script is not None:
             script_in_container = f"{RELEASES_DIR}/{release_id}/app/{entry_script}"
         final = root / release_id
@@ -825,21 +825,6 @@ def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     info.uname = info.gname = "root"
     info.mtime = 0
     return info
-
-
-def _tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root)).encode()
-        if path.is_symlink():
-            h.update(b"L" + rel + b"\0" + os.readlink(path).encode() + b"\0")
-        elif path.is_file():
-            h.update(b"F" + rel + b"\0" + bytes([path.stat().st_mode & 0o111 != 0]))
-            with path.open("rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
-        elif path.is_dir():
-            h.update(b"D" + rel + b"\0")
-    return h.hexdigest()
 
 
 def _sh_quote(value: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def load_extra_steps(
     digest = ""
     if reads_source:
         assert source_directory is not None  # _rewrite_copy refused it otherwise
-        digest = _tree_digest(source_directory, skip_names)
+        digest = tree_digest(source_directory, skip_names)
     return ExtraSteps(path, tuple(steps), source_directory if reads_source else None, digest)
 
 
@@ -178,15 +179,22 @@ def _source_in_context(src: str, keyword: str, where: str) -> str:
     return CONTEXT_DIR if norm == "." else f"{CONTEXT_DIR}/{norm}"
 
 
-def _tree_digest(root: Path, skip_names: frozenset[str]) -> str:
+def tree_digest(root: Path, skip_names: frozenset[str] = frozenset()) -> str:
+    """Hash of a folder as a build context holds it: names, file content and
+    executable bits, symlink targets (the tar keeps links as links), folders;
+    entries under a name in `skip_names` left out, as the context leaves them."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part in skip_names for part in rel.parts):
+        rel_path = path.relative_to(root)
+        if any(part in skip_names for part in rel_path.parts):
             continue
-        h.update(str(rel).encode() + b"\0")
-        if path.is_file() and not path.is_symlink():
-            h.update(bytes([path.stat().st_mode & 0o111 != 0]))
+        rel = str(rel_path).encode()
+        if path.is_symlink():
+            h.update(b"L" + rel + b"\0" + os.readlink(path).encode() + b"\0")
+        elif path.is_file():
+            h.update(b"F" + rel + b"\0" + bytes([path.stat().st_mode & 0o111 != 0]))
             with path.open("rb") as fh:
                 h.update(hashlib.file_digest(fh, "sha256").digest())
+        elif path.is_dir():
+            h.update(b"D" + rel + b"\0")
     return h.hexdigest()
