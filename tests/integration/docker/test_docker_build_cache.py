@@ -35,8 +35,11 @@ def context(dockerfile: str) -> io.BytesIO:
     return buffer
 
 
-def dangling(client: Any) -> set[str]:
-    return {str(i) for i in client.api.images(filters={"dangling": True}, quiet=True)}
+def dangling(client: Any, label: str | None = None) -> set[str]:
+    filters: dict[str, Any] = {"dangling": True}
+    if label is not None:
+        filters["label"] = label
+    return {str(i) for i in client.api.images(filters=filters, quiet=True)}
 
 
 def remove_tagged(client: Any, label: str) -> None:
@@ -78,7 +81,11 @@ def stand_in_wheelhouse(tmp_path: Path, n: int) -> Wheelhouse:
 def test_runtime_builds_leave_no_dangling_image_and_old_deps_images_go(
     docker_client: Any, test_base: str, tmp_path: Path
 ) -> None:
-    before = dangling(docker_client)
+    # Every image built on our base carries its test-run label: only this test's
+    # builds are counted, not those another process runs on the same engine.
+    run = docker_client.images.get(test_base).labels["modelfleet.test-run"]
+    ours = f"modelfleet.test-run={run}"
+    before = dangling(docker_client, ours)
     built: list[tuple[str, str]] = []  # (runtime tag, deps image id)
     for n in range(images.RUNTIME_IMAGES_KEPT + 1):
         runtime = images.ensure_runtime_image(
@@ -91,7 +98,7 @@ def test_runtime_builds_leave_no_dangling_image_and_old_deps_images_go(
         # the runtime image runs as built: the server's user exists in it
         out = docker_client.containers.run(runtime, ["id", "-u", "modelfleet"], remove=True)
         assert out.decode().strip() == str(images.CONTAINER_UID)
-    assert dangling(docker_client) - before == set(), "no build left an untagged image"
+    assert dangling(docker_client, ours) - before == set(), "no build left an untagged image"
 
     import docker.errors
 
