@@ -111,7 +111,7 @@ def test_resume_and_rollback_use_the_stored_broker_with_a_password_from_env_or_f
 
         # a rollout whose controller died, resumed with the password from a file
         v1 = resolve_model("digits:1", None, home)
-        with MqttFleetBackend(MqttFleetSettings.from_url(url)).connect() as backend:
+        with MqttFleetBackend(MqttFleetSettings.from_url(url)) as backend:
             RolloutEngine(store, backend).create(RolloutSpec("r2", v1, backend=backend_record(url)))
         secret = tmp_path / "broker-password"
         secret.write_text("s3cret\n")

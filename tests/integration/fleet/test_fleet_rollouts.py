@@ -265,7 +265,7 @@ def test_an_agent_that_joins_during_a_rollout_gets_the_version_with_the_next_sta
     fleet.register("digits", digits_onnx_v2)
     v2 = resolve_model("digits:2", fleet.server.url, fleet.registry.home)
     store = FleetStore(fleet.registry.home)
-    with MqttFleetBackend(MqttFleetSettings(port=fleet.broker_port)).connect() as backend:
+    with MqttFleetBackend(MqttFleetSettings(port=fleet.broker_port)) as backend:
         engine = RolloutEngine(store, backend)
         engine.create(RolloutSpec("grow", v2, target="tags.site = 'lab'", stages=(50, 100)))
         # stepped by hand up to where stage 1 has passed and stage 2 is about to start
