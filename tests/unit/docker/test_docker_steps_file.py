@@ -64,6 +64,14 @@ def test_key_follows_the_steps_and_the_files_a_copy_reads(tmp_path: Path) -> Non
     assert load_extra_steps(steps_file(tmp_path, "ENV FOO=baz\n"), src).key != key
 
 
+def test_blank_and_comment_lines_inside_a_continuation_are_dropped_as_docker_does(
+    tmp_path: Path,
+) -> None:
+    path = steps_file(tmp_path, "RUN echo a \\\n\n    # why\n    b > /x\nENV C=1\n")
+    extra = load_extra_steps(path, None)
+    assert [(s.line, s.written) for s in extra.steps] == [(1, "RUN echo a b > /x"), (5, "ENV C=1")]
+
+
 def test_key_follows_a_copied_symlink_and_skips_cache_folders(tmp_path: Path) -> None:
     """The context keeps a symlink as a link: a new target is a new image."""
     src = source(tmp_path)

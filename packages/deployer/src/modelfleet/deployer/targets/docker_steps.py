@@ -111,8 +111,8 @@ def _instructions(text: str) -> list[tuple[int, str]]:
         stripped = raw.strip()
         if not pending and (not stripped or stripped.startswith("#")):
             continue
-        if pending and stripped.startswith("#"):
-            continue  # Docker drops comment lines inside a continued instruction
+        if pending and (not stripped or stripped.startswith("#")):
+            continue  # Docker drops blank and comment lines inside a continued instruction
         if not pending:
             start = number
         if stripped.endswith("\\"):
