@@ -13,7 +13,7 @@ from agent_blobserver import BlobServer  # type: ignore[import-not-found]
 
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.agent.protocol import DesiredState, ReportedState
-from modelfleet.agent.reconciler import Backoff, Reconciler
+from modelfleet.agent.reconciler import Backoff, CommandError, Reconciler
 from modelfleet.agent.state import StateFile
 from modelfleet.agent.store import ModelStore
 from modelfleet.scoring import ModelHost
@@ -426,3 +426,87 @@ def test_when_no_version_verifies_the_agent_serves_none_says_why_and_converges(
         task.cancel()
 
     run(restarted)
+
+
+def test_a_damaged_previous_version_is_never_loaded_by_a_rollback_or_a_desired_state(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    """Restore checks only what it loads: the previous version's bytes are checked when it is used."""
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+    run(lambda: _apply_both(Harness(tmp_path, blob_server), v1, v2))
+    _damage(tmp_path / "models" / "versions" / v1.sha256 / "model.onnx", "bit-flip")  # still loads
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "2"
+        with pytest.raises(CommandError, match=r"rollback to digits:1 refused: digits:1: model\.onnx changed on disk"):
+            await h.reconciler.rollback()
+        assert h.host.active is not None and h.host.active.version == "2"  # still serving
+        assert not h.store.is_installed(v1)  # removed: a desired state for it downloads it anew
+
+        task = asyncio.create_task(h.reconciler.run())
+        served = blob_server.served
+        await h.apply(3, v1)
+        assert blob_server.served - served == v1.size
+        assert h.host.active is not None and h.host.active.version == "1"
+        task.cancel()
+
+    run(restarted)
+
+
+def test_an_installed_version_whose_bytes_changed_is_downloaded_again_before_it_is_served(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+    run(lambda: _apply_both(Harness(tmp_path, blob_server), v1, v2))
+    _damage(tmp_path / "models" / "versions" / v1.sha256 / "model.onnx", "bit-flip")
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        await h.reconciler.restore()
+        task = asyncio.create_task(h.reconciler.run())
+        served = blob_server.served
+        await h.apply(3, v1)  # a fleet rollback to the version kept as previous
+        assert blob_server.served - served == v1.size  # not the damaged copy
+        served_file = tmp_path / "models" / "versions" / v1.sha256 / "model.onnx"
+        assert served_file.read_bytes() == digits_onnx.read_bytes()
+        task.cancel()
+
+    run(restarted)
+
+
+def test_restart_model_refuses_an_active_version_whose_bytes_changed(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path
+) -> None:
+    v1 = onnx_ref(blob_server, digits_onnx, 1)
+
+    async def go() -> None:
+        h = Harness(tmp_path, blob_server)
+        task = asyncio.create_task(h.reconciler.run())
+        await h.apply(1, v1)
+        _damage(tmp_path / "models" / "versions" / v1.sha256 / "model.onnx", "bit-flip")
+        with pytest.raises(CommandError, match=r"restart of digits:1 refused: digits:1: model\.onnx changed on disk"):
+            await h.reconciler.restart_model()
+        assert h.host.active is not None and h.host.active.version == "1"  # the loaded copy keeps serving
+        task.cancel()
+
+    run(go)
+
+
+def test_a_missing_state_file_beside_installed_versions_serves_the_newest_verified_one(
+    tmp_path: Path, blob_server: BlobServer, digits_onnx: Path, digits_onnx_v2: Path
+) -> None:
+    v1, v2 = onnx_ref(blob_server, digits_onnx, 1), onnx_ref(blob_server, digits_onnx_v2, 2)
+    run(lambda: _apply_both(Harness(tmp_path, blob_server), v1, v2))
+    (tmp_path / "state.json").unlink()  # lost with the folder entry a power cut did not keep
+
+    async def restarted() -> None:
+        h = Harness(tmp_path, blob_server)
+        assert h.reconciler.state_file.lost is not None and "does not exist" in h.reconciler.state_file.lost
+        await h.reconciler.restore()
+        assert h.host.active is not None and h.host.active.version == "2"
+        assert h.reconciler.state.active == v2 and h.reconciler.state.handled_version is None
+
+    run(restarted)
+    assert not (tmp_path / "state.corrupt").exists()

@@ -127,14 +127,11 @@ class Reconciler:
                             self.state_file.lost, ",".join(r.key for r in candidates))
         else:
             return  # a fresh device, or a desired state asked for no model (`previous` is for a rollback)
-        loop = asyncio.get_running_loop()
         for ref in candidates:
-            damage = await loop.run_in_executor(None, self.store.damage, ref)
+            damage = await self._damage(ref)
             if damage is not None:
                 log.error("event=restore_refused model=%s reason=%r", ref.key, damage)
                 self._swap_event(None, ref, ok=False, ts=time.time(), stage="restore", reason=damage)
-                if self.store.is_installed(ref):
-                    self.store.remove(ref)
                 continue
             started = time.time()
             try:
@@ -150,6 +147,14 @@ class Reconciler:
         if candidates:
             log.error("event=restore_none reason=%r", "no installed version verified and loaded")
             self._restored_other(None)
+
+    async def _damage(self, ref: ModelVersionRef) -> str | None:
+        """Why `ref`'s bytes on disk must not be loaded (`ModelStore.damage`), or None. A damaged
+        version is removed, so a desired state naming it downloads it anew."""
+        damage = await asyncio.get_running_loop().run_in_executor(None, self.store.damage, ref)
+        if damage is not None and self.store.is_installed(ref):
+            self.store.remove(ref)
+        return damage
 
     def _restored_other(self, ref: ModelVersionRef | None) -> None:
         """Persist that `ref` serves instead of what state.json said; the desired state is due again."""
@@ -290,6 +295,9 @@ class Reconciler:
                 raise CommandError("no previous version is kept on this device")
             if not self.store.is_installed(previous):
                 raise CommandError(f"previous version {previous.key} is no longer on disk")
+            damage = await self._damage(previous)
+            if damage is not None:
+                raise CommandError(f"rollback to {previous.key} refused: {damage} (removed from disk)")
             try:
                 await self._load(previous)
             except ApplyError as exc:
@@ -310,6 +318,10 @@ class Reconciler:
             active = self.state.active
             if active is None:
                 raise CommandError("no model version is active")
+            # not removed: the copy in memory keeps serving, and a restart then falls back to previous
+            damage = await asyncio.get_running_loop().run_in_executor(None, self.store.damage, active)
+            if damage is not None:
+                raise CommandError(f"restart of {active.key} refused: {damage}")
             try:
                 await self._load(active)
             except ApplyError as exc:

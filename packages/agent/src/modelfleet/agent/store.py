@@ -239,7 +239,8 @@ class ModelStore:
 
     # --- the pipeline -------------------------------------------------------------
     def fetch(self, ref: ModelVersionRef, cancel: threading.Event | None = None) -> Path:
-        """Make `ref` installed (download, verify, install); its model folder. Idempotent."""
+        """Make `ref` installed (download, verify, install); its model folder. Idempotent: an
+        installed version is checked against its manifest (`damage`) and downloaded again if damaged."""
         if not ref.url.startswith(("http://", "https://")) and not (
             self.allow_file_urls and ref.url.startswith("file://")
         ):
@@ -254,7 +255,12 @@ class ModelStore:
             # the signature covers the digest, so a bad one is refused before any byte is fetched
             self.trusted_keys.check(ref)
         if self.is_installed(ref):
-            return self.model_dir(ref)
+            damage = self.damage(ref)
+            if damage is None:
+                return self.model_dir(ref)
+            # changed since it was installed (a failing disk, a power cut): never served, fetched anew
+            log.error("event=installed_version_damaged model=%s reason=%r", ref.key, damage)
+            self.remove(ref)
         part = self._download(ref, cancel)
         try:
             self._verify(ref, part)
