@@ -388,3 +388,29 @@ def test_list_counts_late_devices_as_applied_and_status_shows_them(run, tmp_path
     assert code == 0
     line = next(line for line in out.splitlines() if line.startswith("dev-1"))
     assert "late" in line and "applied after its stage timed out (did not apply within 5s)" in line
+
+
+def test_status_does_not_look_up_a_rollback_that_has_no_version_to_confirm(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    from modelfleet.agent.modelref import ModelVersionRef
+    from modelfleet.deployer.fleet.backends.memory import MemoryFleetBackend
+    from modelfleet.deployer.fleet.rollout import RolloutEngine, RolloutSpec
+    from modelfleet.deployer.fleet.store import FleetStore
+
+    backend = MemoryFleetBackend()
+    backend.add("dev-0")
+    v2 = ModelVersionRef(name="digits", version=2, url="http://127.0.0.1:1/a", sha256="2" * 64, size=10)
+    engine = RolloutEngine(FleetStore(tmp_path / "home"), backend)
+    engine.create(RolloutSpec("r", v2))
+    engine.step("r")
+    backend.report("dev-0", "failed", reason="boom", stage="warmup")
+    assert engine.step("r").state == "failed"
+    # as a row rolled back before the database gained confirmations looks after the upgrade
+    with sqlite3.connect(tmp_path / "home" / "registry.db") as db:
+        db.execute("UPDATE fleet_rollout_devices SET desired_version = NULL")
+
+    code, out = run("rollout", "status", "r")  # the broker in the environment is down
+    assert code == 0
+    assert "warning" not in out
+    assert "rolled_back" in next(line for line in out.splitlines() if line.startswith("dev-0"))

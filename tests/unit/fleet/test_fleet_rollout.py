@@ -779,3 +779,43 @@ def test_a_fleet_database_from_before_gains_the_new_columns(tmp_path: Path) -> N
     assert (r.state, r.min_soak_requests, r.stage_elapsed_s) == ("succeeded", 0, 0.0)
     assert [(d.device_id, d.joined) for d in fleet_store.devices("old")] == [("dev-00", False)]
     FleetStore(tmp_path)  # opening it again changes nothing
+
+
+def test_devices_rolled_back_before_the_upgrade_are_not_taken_as_refusing_the_rollback(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    from modelfleet.deployer.fleet import store as store_module
+
+    # an earlier version kept the rollout's `$version` on a rolled-back row; this device failed
+    # on that version (why it was rolled back) and has not reported on the rollback since
+    backend = MemoryFleetBackend()
+    backend.add("dev-00")
+    version = backend.set_desired({"dev-00": ref(2)})["dev-00"]
+    backend.report("dev-00", "failed", reason="boom", stage="warmup")
+    old_schema = "\n".join(
+        line
+        for line in store_module._SCHEMA.splitlines()
+        if not any(f"    {col} " in line for cols in store_module._ADDED_COLUMNS.values() for col in cols)
+    )
+    with sqlite3.connect(tmp_path / "registry.db") as db:
+        db.executescript(old_schema)
+        db.execute(
+            "INSERT INTO fleet_rollouts (name, model, target, stages, max_failure, soak_s, timeout_s, max_error_rate, "
+            "state, created_at, updated_at) VALUES ('old', ?, '*', '[100]', 0, 0, 60, 0.05, 'failed', 1, 1)",
+            (json.dumps(ref(2).to_dict()),),
+        )
+        db.execute(
+            "INSERT INTO fleet_rollout_devices (rollout, device_id, position, stage, state, desired_version, reason, "
+            "previous, updated_at) VALUES ('old', 'dev-00', 0, 0, 'rolled_back', ?, 'warmup: boom; rolled back to "
+            "digits:1', ?, 1)",
+            (version, json.dumps(ref(1, SHA1).to_dict())),
+        )
+    engine = RolloutEngine(FleetStore(tmp_path), backend)
+    assert engine.confirm_rollbacks("old") == []
+    [row] = engine.status("old")["devices"]
+    assert (row["reason"], row["confirmed"], row["desired_version"]) == (
+        "warmup: boom; rolled back to digits:1",
+        False,
+        None,
+    )

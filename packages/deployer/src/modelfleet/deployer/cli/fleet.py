@@ -326,8 +326,13 @@ def rollout_status(
                 shown = now
             time.sleep(0.5)
             view = engine.status(name)
+    # a rolled-back device without a `$version` (rolled back before the database gained
+    # confirmations) has nothing to be confirmed by: not looked up
     unknown = sum(
-        1 for d in view["devices"] if d["state"] == "timeout" or (d["state"] == "rolled_back" and not d["confirmed"])
+        1
+        for d in view["devices"]
+        if d["state"] == "timeout"
+        or (d["state"] == "rolled_back" and not d["confirmed"] and d["desired_version"] is not None)
     )
     if unknown:
         try:

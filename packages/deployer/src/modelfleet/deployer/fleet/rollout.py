@@ -647,6 +647,8 @@ class RolloutEngine:
                     "state": d.state,
                     "previous": d.previous.key if d.previous else None,
                     "reason": d.reason,
+                    # the `$version` this rollout last sent it (for a rolled-back device, the rollback's)
+                    "desired_version": d.desired_version,
                     "joined": d.joined,
                     "confirmed": d.confirmed,
                 }

@@ -89,15 +89,26 @@ _ADDED_COLUMNS = {
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    def columns_of(table: str) -> set[str]:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
     for table, columns in _ADDED_COLUMNS.items():
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        for column, ddl in columns.items():
-            if column not in have:
-                try:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
-                except sqlite3.OperationalError as exc:
-                    if "duplicate column" not in str(exc):  # another process added it first
-                        raise
+        if columns.keys() <= columns_of(table):
+            continue
+        # under the write lock, looked at again: another process may be adding them right now
+        with sqlitedb.write_transaction(conn):
+            have = columns_of(table)
+            for column, ddl in columns.items():
+                if column in have:
+                    continue
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+                if column == "confirmed":
+                    # rows rolled back before: their `$version` is the rollout's, not the rollback's,
+                    # so a report on it says nothing about the rollback (a failure on the rollout's
+                    # version would read as "refused the rollback"); they are not looked up
+                    conn.execute(
+                        "UPDATE fleet_rollout_devices SET desired_version = NULL WHERE state = 'rolled_back'"
+                    )
 
 
 class FleetError(DeployerError):
