@@ -61,6 +61,7 @@ class Controller:
     presence: dict[str, list[Presence]] = field(default_factory=dict)
     telemetry: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     responses: dict[str, CommandResponse] = field(default_factory=dict)
+    answers: dict[str, int] = field(default_factory=dict)  # responses received, by command id
     client: mqtt.Client | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     desired_version: int = 0
@@ -106,6 +107,7 @@ class Controller:
             elif kind == "responses":
                 response = CommandResponse.decode(msg.payload)
                 self.responses[response.id] = response
+                self.answers[response.id] = self.answers.get(response.id, 0) + 1
 
     def desire(self, device: str, ref: ModelVersionRef | None, version: int | None = None) -> int:
         """Publish a desired state (`ref` None: serve no model); its `$version`."""

@@ -286,3 +286,35 @@ def test_commands_sent_while_the_device_is_offline_are_answered_when_it_returns(
     assert "commands.max_age_s of 600 s" in (expired.error or "")
     assert "event=command name=rollback id=c-stale ok=False" in agent.log_text()
     assert serving_version(agent.scoring_port) == "2"  # the rollback (to v1) was not carried out
+
+
+def test_a_command_delivered_twice_is_carried_out_once(
+    mosquitto: Any, controller: Controller, artifact_registry: RegistryHandle, agents: Any,
+    digits_onnx: Path, digits_onnx_v2: Path,
+) -> None:
+    """QoS 1 is at least once: a persistent session re-sends a command whose PUBACK was lost.
+    A second rollback would swap back to the version the first one left."""
+    v1 = artifact_registry.register("digits", digits_onnx)
+    v2 = artifact_registry.register("digits", digits_onnx_v2)
+    agent = agents("dev-dup", mosquitto.port)
+    controller.wait_reported("dev-dup", controller.desire("dev-dup", v1), "applied")
+    controller.wait_reported("dev-dup", controller.desire("dev-dup", v2), "applied")
+
+    topic = "modelfleet/v1/dev-dup/commands"
+    payload = CommandRequest("c-twice", "rollback").encode()
+    controller.publish_raw(topic, payload)
+    controller.publish_raw(topic, payload)
+    first = wait_until(lambda: controller.responses.get("c-twice"), 30, "the response to the rollback")
+    assert first.ok and first.result is not None and first.result["active"]["version"] == 1
+    wait_until(lambda: "event=command_duplicate name=rollback id=c-twice" in agent.log_text(), 30,
+               "the second delivery recognised")
+    assert agent.log_text().count("event=command name=rollback id=c-twice ") == 1
+    assert serving_version(agent.scoring_port) == "1"
+
+    # a delivery after the answer gets the same answer again, without a second swap
+    answers = controller.answers["c-twice"]
+    controller.publish_raw(topic, payload)
+    wait_until(lambda: controller.answers["c-twice"] > answers, 30, "the repeated answer")
+    assert controller.responses["c-twice"] == first
+    assert agent.log_text().count("event=command name=rollback id=c-twice ") == 1
+    assert serving_version(agent.scoring_port) == "1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from importlib import metadata
 from typing import Any
 
@@ -20,6 +21,8 @@ from .telemetry import TelemetryCollector, TelemetryQueue
 from .transports.base import TwinTransport
 
 log = logging.getLogger("modelfleet.agent")
+#: how many command ids the agent remembers to recognise a second delivery of the same command
+COMMANDS_REMEMBERED = 256
 
 
 def agent_version() -> str:
@@ -100,6 +103,10 @@ class Agent:
         self.collector = TelemetryCollector(config.device_id, self._metrics, self.reconciler.drain_swap_events)
         self._drain_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        #: the last command ids seen, with their answer once there is one: QoS 1 delivers at least
+        #: once (the persistent session re-sends a command whose PUBACK was lost), and a second
+        #: `rollback` would swap back what the first one did
+        self._commands_seen: OrderedDict[str, CommandResponse | None] = OrderedDict()
 
     # --- TwinHandler ----------------------------------------------------------------
     def on_desired(self, state: DesiredState) -> None:
@@ -109,6 +116,17 @@ class Agent:
         self._spawn(self.reconciler.on_bad_desired(reason, version))
 
     def on_command(self, request: CommandRequest) -> None:
+        if request.id and request.id in self._commands_seen:
+            answer = self._commands_seen[request.id]
+            log.info("event=command_duplicate name=%s id=%s answered=%s", request.name, request.id,
+                     answer is not None)
+            if answer is not None:  # else the first delivery, still running, answers
+                self._spawn(self.transport.respond(answer))
+            return
+        if request.id:
+            self._commands_seen[request.id] = None
+            while len(self._commands_seen) > COMMANDS_REMEMBERED:
+                self._commands_seen.popitem(last=False)
         self._spawn(self._command(request))
 
     def on_connection(self, connected: bool) -> None:
@@ -197,6 +215,8 @@ class Agent:
             log.exception("event=command_crashed name=%s id=%s", request.name, request.id)
             response = CommandResponse(request.id, False, error=f"{request.name} failed: {type(exc).__name__}: {exc}")
         log.info("event=command name=%s id=%s ok=%s", request.name, request.id, response.ok)
+        if request.id in self._commands_seen:
+            self._commands_seen[request.id] = response
         await self.transport.respond(response)
 
     # --- telemetry ----------------------------------------------------------------------
