@@ -326,3 +326,32 @@ def test_version_refused_at_warmup_leaves_the_environment_to_the_serving_one(tmp
     finally:
         host.unload()
         os.environ.pop("MF_TEST_CANDIDATE_ONLY", None)
+
+
+def test_versions_sharing_a_script_folder_keep_it_after_one_is_retired(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a service update with a new model and the same source folder: the retired
+    # version's close() must not take the folder (and its helpers) from the new one
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mf_test_shared_helper.py").write_text("def answer():\n    return 42\n")
+    (src / "score.py").write_text(
+        "import os\n\ndef init():\n    pass\n\n"
+        "def run(data):\n    import mf_test_shared_helper  # imported on first use, as scripts often do\n"
+        "    return {'answer': mf_test_shared_helper.answer(), 'dir': os.path.basename(os.environ['AZUREML_MODEL_DIR'])}\n"
+    )
+    models = {v: tmp_path / f"model{v}" for v in ("1", "2")}
+    for folder in models.values():
+        folder.mkdir()
+    server = start_server(ModelSpec(models["1"], src / "score.py", version="1"))
+    first = server.host.active
+    server.host.load(ModelSpec(models["2"], src / "score.py", version="2"))
+    assert first is not None and first.closed  # retired with no request in flight: closed at once
+    assert str(src.resolve()) in sys.path
+    with server.client() as c:
+        r = c.post("/score", json={})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"answer": 42, "dir": "model2"}
+    server.host.unload()
+    assert str(src.resolve()) not in sys.path  # the last one out takes it off
