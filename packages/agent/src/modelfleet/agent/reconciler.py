@@ -6,7 +6,7 @@ leaves the active version serving and is reported `failed` with its stage and
 reason. Transient failures (network, server errors) are retried with capped
 exponential backoff; the rest are final for that `$version`, so a device
 never flaps between versions. A newer desired state abandons the one in
-progress (its download stops at the next chunk).
+progress (its download stops within ~0.1 s, even on a stalled link: `download.py`).
 """
 
 from __future__ import annotations
