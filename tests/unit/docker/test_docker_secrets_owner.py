@@ -27,3 +27,14 @@ def test_rewrite_keeps_owner_and_mode(tmp_path: Path) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (10001, 10001, 0o640)
     assert path.read_text() == '{"primary": "b"}'
     assert [p.name for p in tmp_path.iterdir()] == ["keys.json"], "no temp file left"
+
+
+def test_failed_rewrite_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    import pytest
+
+    path = tmp_path / "keys.json"
+    write_atomic(path, '{"primary": "a"}')
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(path, '{"primary": "\udc80"}')  # cannot be written as UTF-8
+    assert path.read_text() == '{"primary": "a"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["keys.json"], "no temp file left"

@@ -36,16 +36,22 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     except FileNotFoundError:
         old = None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    if old is not None:
-        os.fchmod(fd, stat.S_IMODE(old.st_mode))
-        if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-            with contextlib.suppress(PermissionError):  # only root may give a file away
-                os.fchown(fd, old.st_uid, old.st_gid)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            if old is not None:
+                os.fchmod(fd, stat.S_IMODE(old.st_mode))
+                if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                    with contextlib.suppress(PermissionError):  # only root may give a file away
+                        os.fchown(fd, old.st_uid, old.st_gid)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # The temp file may hold keys: never leave it beside the real one.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_keys(spec: ServiceSpec, workdir: Path) -> Path | None:
