@@ -338,6 +338,7 @@ class ModelStore:
         try:
             response = open_url(request, self.timeout_s, cutter)
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response's connection: closed now, not at garbage collection
             if exc.code == 416 and have:
                 # the server has fewer bytes than we kept: start again from zero
                 part.unlink(missing_ok=True)
