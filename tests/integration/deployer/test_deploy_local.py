@@ -358,3 +358,35 @@ def test_container_image_fields_are_not_applied_locally_and_show_why(
     )
     assert f"-> {note}" in out.stderr
     assert json.loads(cli("service", "show", "imagefields", "-o", "json").stdout)["note"] == note
+
+
+def test_regen_key_at_once_on_both_keys_loses_neither(
+    cli: Cli, digits_models: Registry, home: Path
+) -> None:
+    """Two regen-key at once (primary in one, secondary in another) each read, change
+    and write the keys file: without a lock, one writes back the other's old key."""
+    import fcntl
+
+    from modelfleet.deployer.services import ServiceManager
+
+    _deploy(cli, "rotating")
+    manager = ServiceManager(Registry(home))
+    keys_file = Path(str(manager.registry.get_service("rotating").target_data["keys_file"]))
+    lock = os.open(str(keys_file) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # hold the lock: both regenerations must queue behind it
+    results: dict[str, str] = {}
+
+    def regen(which: str) -> None:
+        results[which] = ServiceManager(Registry(home)).regen_key("rotating", which)[which]  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=regen, args=(which,)) for which in ("primary", "secondary")]
+    before = keys_file.read_bytes()
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # give them time to (wrongly) write while the lock is held
+    assert keys_file.read_bytes() == before and all(t.is_alive() for t in threads)
+    os.close(lock)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert json.loads(keys_file.read_text()) == results  # both new keys kept

@@ -10,8 +10,10 @@ leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -258,15 +260,19 @@ class ServiceManager:
                 f"unknown key {which!r}", hint="use --key primary or --key secondary"
             )
         record = self.registry.get_service(name)
-        keys = self.keys(name)
-        if value is not None:
-            value = check_key("--value", value)
-            other = "secondary" if which == "primary" else "primary"
-            if value == keys[other]:
-                raise ConfigError(f"--value is the {other} key; the two keys must differ")
-        keys[which] = value or secrets.token_urlsafe(32)
-        # Atomic rename: the server re-reads the file on its next mtime check.
-        write_atomic(self._keys_file(record), json.dumps(keys))
+        path = self._keys_file(record)
+        # Read-modify-write under a lock beside the file: two regen-key at once
+        # (primary and secondary) would otherwise each write back the other's old key.
+        with _file_lock(path.with_name(path.name + ".lock")):
+            keys = self.keys(name)
+            if value is not None:
+                value = check_key("--value", value)
+                other = "secondary" if which == "primary" else "primary"
+                if value == keys[other]:
+                    raise ConfigError(f"--value is the {other} key; the two keys must differ")
+            keys[which] = value or secrets.token_urlsafe(32)
+            # Atomic rename: the server re-reads the file on its next mtime check.
+            write_atomic(path, json.dumps(keys))
         return keys
 
     # ------------------------------------------------------------------ call
@@ -313,3 +319,14 @@ class ServiceManager:
             detail = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
             raise ServiceCallError(f"{name} answered {response.status_code}: {detail}")
         return result
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, held for the block; waits for another holder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
