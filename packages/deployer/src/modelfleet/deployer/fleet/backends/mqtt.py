@@ -30,6 +30,7 @@ from modelfleet.agent.errors import ProtocolError
 from modelfleet.agent.modelref import ModelVersionRef
 from modelfleet.agent.protocol import (
     DEFAULT_PREFIX,
+    RESERVED_ID_PREFIX,
     DesiredState,
     Presence,
     ReportedState,
@@ -124,7 +125,7 @@ class MqttFleetBackend:
         self._all_acked = threading.Condition(self._ack_lock)
         self._unacked = 0
         self.client = mqtt.Client(
-            client_id=f"modelfleet-controller-{uuid.uuid4().hex[:12]}", clean_session=True, protocol=mqtt.MQTTv311
+            client_id=f"{RESERVED_ID_PREFIX}-{uuid.uuid4().hex[:12]}", clean_session=True, protocol=mqtt.MQTTv311
         )
         if settings.username is not None:
             self.client.username_pw_set(settings.username, settings.password)
