@@ -215,6 +215,16 @@ class LoadedModel:
         return self._closed
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A version loaded and warmed beside the active one, not serving yet (`ModelHost.prepare`)."""
+
+    model: LoadedModel
+    #: os.environ before its init() ran, put back if it is discarded
+    environ: dict[str, str]
+    started: float
+
+
 class ModelHost:
     """The active model version of one server; `load()` hot-swaps atomically."""
 
@@ -246,31 +256,50 @@ class ModelHost:
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Load, warm up and switch to `spec`; on failure the active version keeps serving."""
         with self._load_lock:
-            started = time.perf_counter()
-            # init() runs in this process: a refused version must not leave its
-            # AZUREML_MODEL_DIR (or anything its init() set) to the serving one
-            environ = dict(os.environ)
-            try:
-                model = self._prepare(spec)
-            except ModelLoadError as exc:
-                _restore_environ(environ)
-                self.metrics.load_failures += 1
-                log.warning(
-                    "event=model_refused name=%s version=%s stage=%s reason=%r",
-                    spec.name, spec.version, exc.stage, exc.reason,
-                )
-                raise
-            with self._swap_lock:
-                old, self._active = self._active, model
-            self.metrics.set_active(model.name, model.version)
-            if old is not None:
-                old.retire()
-            log.info(
-                "event=model_active name=%s version=%s platform=%s inline=%s load_ms=%.1f",
-                model.name, model.version, model.runtime.platform, model.inline,
-                (time.perf_counter() - started) * 1000,
+            return self.commit(self.prepare(spec))
+
+    def prepare(self, spec: ModelSpec) -> Candidate:
+        """Load and warm up `spec` beside the active version, without switching to it.
+
+        The first phase of a swap that several processes make together (`--workers N`):
+        `commit()` or `discard()` the candidate next. The caller serialises swaps.
+        """
+        started = time.perf_counter()
+        # init() runs in this process: a refused version must not leave its
+        # AZUREML_MODEL_DIR (or anything its init() set) to the serving one
+        environ = dict(os.environ)
+        try:
+            model = self._prepare(spec)
+        except ModelLoadError as exc:
+            _restore_environ(environ)
+            self.metrics.load_failures += 1
+            log.warning(
+                "event=model_refused name=%s version=%s stage=%s reason=%r",
+                spec.name, spec.version, exc.stage, exc.reason,
             )
-            return model
+            raise
+        return Candidate(model, environ, started)
+
+    def commit(self, candidate: Candidate) -> LoadedModel:
+        """Switch to a prepared candidate; requests in flight finish on the old version."""
+        model = candidate.model
+        with self._swap_lock:
+            old, self._active = self._active, model
+        self.metrics.set_active(model.name, model.version)
+        if old is not None:
+            old.retire()
+        log.info(
+            "event=model_active name=%s version=%s platform=%s inline=%s load_ms=%.1f",
+            model.name, model.version, model.runtime.platform, model.inline,
+            (time.perf_counter() - candidate.started) * 1000,
+        )
+        return model
+
+    def discard(self, candidate: Candidate) -> None:
+        """Drop a prepared candidate (another worker refused it): the active version stays."""
+        _restore_environ(candidate.environ)
+        log.info("event=model_discarded name=%s version=%s", candidate.model.name, candidate.model.version)
+        candidate.model.retire()
 
     async def aload(self, spec: ModelSpec) -> LoadedModel:
         """`load()` from async code, without blocking the event loop."""

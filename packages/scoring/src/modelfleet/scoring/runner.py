@@ -10,7 +10,6 @@ import signal
 import socket
 import sys
 import threading
-from contextlib import suppress
 
 from .auth import KeyRing
 from .errors import ConfigError, ModelLoadError
@@ -47,41 +46,14 @@ def serve(settings: ServerSettings) -> int:
         _preimport(settings)
         return _run_worker(settings, sock, shared=False)
     log.info("event=workers count=%d port=%d", settings.workers, sock.getsockname()[1])
-    children: list[int] = []
-    for _ in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:  # child: load the model after fork (onnxruntime threads do not survive fork)
-            code = 1
-            try:
-                code = _run_worker(settings, sock, shared=True)
-            except BaseException:  # os._exit below would swallow the traceback
-                log.exception("event=worker_failed")
-            finally:
-                os._exit(code)
-        children.append(pid)
-    sock.close()
+    from .workers import Supervisor
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            with suppress(ProcessLookupError):
-                os.kill(child, signum)
+    # the model loads after fork in each worker: onnxruntime threads do not survive one
+    return Supervisor(settings, sock, _run_shared_worker).run()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    worst = 0
-    remaining = set(children)
-    while remaining:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        remaining.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-            worst = worst or (code if code > 0 else 1)
-            # one worker failing (e.g. the model does not load) stops the service
-            forward(signal.SIGTERM, None)
-    return worst
+
+def _run_shared_worker(settings: ServerSettings, sock: socket.socket, control: socket.socket) -> int:
+    return _run_worker(settings, sock, shared=True, control=control)
 
 
 def _listen(settings: ServerSettings) -> socket.socket:
@@ -143,17 +115,21 @@ def _preimport(settings: ServerSettings) -> None:
     threading.Thread(target=work, name="modelfleet-preimport", daemon=True).start()
 
 
-def _run_worker(settings: ServerSettings, sock: socket.socket, *, shared: bool) -> int:
+def _run_worker(
+    settings: ServerSettings, sock: socket.socket, *, shared: bool, control: socket.socket | None = None
+) -> int:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # uvloop is optional (Windows); asyncio works, only slower
         pass
-    return asyncio.run(_main(settings, sock, shared))
+    return asyncio.run(_main(settings, sock, shared, control))
 
 
-async def _main(settings: ServerSettings, sock: socket.socket, shared: bool) -> int:
+async def _main(
+    settings: ServerSettings, sock: socket.socket, shared: bool, control_sock: socket.socket | None
+) -> int:
     assert settings.model_dir is not None
     host = ModelHost(inline_threshold_ms=settings.inline_threshold_ms)
     server = ScoringServer(host, settings)
@@ -177,9 +153,19 @@ async def _main(settings: ServerSettings, sock: socket.socket, shared: bool) -> 
         return 1
     if shared:
         await server.start(sock)
+    control = None
+    if control_sock is not None:
+        from .workers import ControlChannel
+
+        # an admin load goes to the parent, which swaps every worker (workers.py)
+        control = ControlChannel(host, control_sock, stop.set)
+        server.loader = control.load
+        await control.start()
     trim_heap()  # memory freed while loading (model bytes, parse buffers) back to the OS
     log.info("event=ready port=%d model=%s version=%s", server.port, spec.name, spec.version)
     await stop.wait()
     await server.stop()
+    if control is not None:
+        control.close()
     host.unload()
     return 0

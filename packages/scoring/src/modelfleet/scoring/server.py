@@ -109,6 +109,9 @@ class ScoringServer:
         self._ids = count(1)
         # keyed by the model object itself: a retired version's id() is soon reused
         self._swagger_cache: tuple[LoadedModel, bytes] | None = None
+        #: set by a `--workers N` worker: the admin load swaps every worker through
+        #: the parent, answering (status, body); None: this process's host alone
+        self.loader: Callable[[ModelSpec], Awaitable[tuple[int, dict[str, Any]]]] | None = None
 
     @property
     def pending(self) -> int:
@@ -428,6 +431,11 @@ class ScoringServer:
         return self._admin_load_async(req, rid, spec)
 
     async def _admin_load_async(self, req: Request, rid: str, spec: ModelSpec) -> bytes:
+        if self.loader is not None:
+            status, payload = await self.loader(spec)
+            if status != 200:
+                payload = {**payload, "request_id": rid}
+            return self._json(req, rid, status, payload)
         try:
             model = await self.host.aload(spec)
         except ModelLoadError as exc:
