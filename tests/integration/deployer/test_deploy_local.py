@@ -317,30 +317,51 @@ def test_az_ml_model_deploy_spelling_works(
     assert len(lines) == 2 and json.loads(lines[-1])["service"] == "azstyle"
 
 
-def test_replicas_and_autoscale_are_not_applied_locally_and_show_why(
+def test_replicas_run_as_workers_and_an_update_under_traffic_swaps_them_all(
     cli: Cli, digits_models: Registry, request_body: str, tmp_path: Path
 ) -> None:
     dc = tmp_path / "deploymentconfig.json"
-    dc.write_text(json.dumps({"numReplicas": 3, "authEnabled": False,
+    dc.write_text(json.dumps({"numReplicas": 2, "authEnabled": False,
                               "autoScaler": {"autoscaleEnabled": True, "maxReplicas": 4}}))  # fmt: skip
     out = cli("deploy", "scaled", "-m", "digits:1", "-dc", str(dc))
     assert out.exit_code == 0, out.output
     note = (
-        "numReplicas 3 and autoScaler ignored: the local target runs one server process "
-        "(an update's hot-swap would reach only one of several workers)"
+        "autoScaler ignored: the local target runs a fixed number of worker processes "
+        "(numReplicas, here 2)"
     )
     assert f"-> {note}" in out.stderr
     shown = json.loads(cli("service", "show", "scaled", "-o", "json").stdout)
-    assert shown["workers"] == 1 and shown["note"] == note
+    assert shown["workers"] == 2 and shown["note"] == note
     pid = int(shown["pid"])
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    assert children == []  # one process serves, no forked workers
-    assert cli("service", "update", "scaled", "-m", "digits:2").exit_code == 0
+    assert len(children) == 2  # numReplicas 2: serve --workers 2, two forked workers
+
+    uri = str(shown["scoring_uri"])
+    with Traffic(uri, request_body) as traffic:
+        assert _poll(lambda: len(traffic.answers) > 50)
+        updated = cli("service", "update", "scaled", "-m", "digits:2", "-o", "json")
+        assert updated.exit_code == 0, updated.output
+        seen = len(traffic.answers)
+        assert _poll(lambda: len(traffic.answers) > seen + 100)
+    assert traffic.failures == []
+    versions = [a.version for a in traffic.answers]
+    assert "1" in versions[:seen]
+    # after the update returned: only requests already in flight (one per client) may be old
+    assert set(versions[seen + len(traffic.threads) :]) == {"2"}
+    fresh = []
+    for _ in range(40):  # new connections: both workers answer
+        with httpx.Client(timeout=10) as c:
+            fresh.append(c.post(uri, content=request_body, headers={"Content-Type": "application/json"}))
+    assert {(r.status_code, r.headers["x-model-version"]) for r in fresh} == {(200, "2")}
+    assert len({r.headers["x-request-id"].split("-")[0] for r in fresh}) == 2
+
     assert json.loads(cli("service", "show", "scaled", "-o", "json").stdout)["note"] == note
     table = cli("service", "show", "scaled").stdout
-    assert "workers" in table and "numReplicas 3 and autoScaler ignored" in table
+    assert "workers" in table and "autoScaler ignored" in table
     plain = _deploy(cli, "unscaled", "--no-auth")
     assert plain["workers"] == 1 and "note" not in plain
+    pid = int(plain["pid"])
+    assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split() == []  # one process serves
 
 
 def test_container_image_fields_are_not_applied_locally_and_show_why(

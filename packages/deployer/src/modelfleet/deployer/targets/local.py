@@ -5,6 +5,8 @@ The process runs in its own session (it outlives the CLI), writes to
 which `service regen-key` rewrites atomically (the server reloads it).
 `update` posts the new model to the server's admin load endpoint: it loads
 and warms beside the running version, and traffic moves only once it is ready.
+numReplicas N runs `serve --workers N`: N worker processes share the port, and
+one admin load swaps them all (in two phases) before it answers.
 """
 
 from __future__ import annotations
@@ -122,22 +124,17 @@ def model_dir_for(models: tuple[ModelBinding, ...], workdir: Path) -> Path:
 def scaling_note(spec: ServiceSpec) -> str:
     """What of the configs the local target does not apply, and why (empty when nothing).
 
-    One server process, not `serve --workers N`: the workers share one socket, so
-    an update's load request reaches only one of them and the others would keep
-    serving the old version. Image fields need a container: the local target runs
-    in this machine's Python environment.
+    numReplicas N is applied as `serve --workers N` (an update's load request swaps
+    every worker, see the scoring package's workers.py); autoScaler is not: the
+    worker count is fixed while the server runs. Image fields need a container:
+    the local target runs in this machine's Python environment.
     """
     dep, inf = spec.deployment, spec.inference
     notes = []
-    ignored = []
-    if dep.replicas > 1:
-        ignored.append(f"numReplicas {dep.replicas}")
     if dep.autoscale_enabled:
-        ignored.append("autoScaler")
-    if ignored:
         notes.append(
-            f"{' and '.join(ignored)} ignored: the local target runs one server process "
-            "(an update's hot-swap would reach only one of several workers)"
+            "autoScaler ignored: the local target runs a fixed number of worker processes "
+            f"(numReplicas, here {dep.replicas})"
         )
     image = [
         field
@@ -221,6 +218,7 @@ class LocalTarget:
             "--admin-key-file", str(admin_file),
             "--scoring-timeout-ms", str(spec.deployment.scoring_timeout_ms),
             "--max-concurrent-requests", str(spec.deployment.max_concurrent_requests),
+            "--workers", str(spec.deployment.replicas),
         ]  # fmt: skip
         if entry is not None:
             cmd += ["--entry-script", str(entry)]
@@ -265,7 +263,7 @@ class LocalTarget:
                 "admin_key_file": str(admin_file),
                 "model_dir": str(model_dir),
                 "entry_script": str(entry) if entry else None,
-                "workers": 1,
+                "workers": spec.deployment.replicas,
                 "note": note or None,
             },
         )
