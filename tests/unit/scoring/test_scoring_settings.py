@@ -43,6 +43,8 @@ def test_azureml_aliases_are_honoured_and_modelfleet_names_win(tmp_path: Path) -
         ({"inline_threshold_ms": "fast"}, {}, "inline_threshold_ms", "--inline-threshold-ms must be a number, got 'fast'"),
         ({"inline_threshold_ms": "-1"}, {}, "inline_threshold_ms", "must be >= 0, got -1.0"),
         ({"keep_alive_s": "0"}, {}, "keep_alive_s", "must be positive, got 0.0"),
+        ({"load_timeout_s": "0"}, {}, "load_timeout_s", "must be positive, got 0.0"),
+        ({}, {"MODELFLEET_LOAD_TIMEOUT_S": "soon"}, "load_timeout_s", "env MODELFLEET_LOAD_TIMEOUT_S must be a number, got 'soon'"),
     ],
 )
 def test_bad_values_name_the_field(flags: dict[str, str], env: dict[str, str], field: str, message: str) -> None:
@@ -97,3 +99,10 @@ def test_cli_reports_a_bad_keys_file_in_one_line(
         f'error: keys_file (--keys-file / MODELFLEET_KEYS_FILE): {keys} needs a non-empty "primary" key '
         '(and optionally "secondary")'
     )
+
+
+def test_load_timeout_default_env_and_flag() -> None:
+    assert load_settings({}, environ={}).load_timeout_s == 300.0
+    env = {"MODELFLEET_LOAD_TIMEOUT_S": "2.5"}
+    assert load_settings({}, environ=env).load_timeout_s == 2.5
+    assert load_settings({"load_timeout_s": "7"}, environ=env).load_timeout_s == 7.0

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued-requests", help="requests waiting for a slot before 503 (default max(32, 4x concurrency))")
     serve.add_argument("--inline-threshold-ms", help="models faster than this run on the event loop (default 1)")
     serve.add_argument("--keep-alive-s", help="close connections idle this long (default 75)")
+    serve.add_argument("--load-timeout-s", help="refuse a model load (init() + warm-up) taking longer (default 300)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 

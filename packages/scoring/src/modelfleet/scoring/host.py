@@ -1,7 +1,9 @@
 """`ModelHost`: holds the active model version and hot-swaps to a new one without dropping requests.
 
 A new version is loaded beside the active one and warmed up with its sample
-request; only then does the active pointer switch. Requests hold a reference
+request; only then does the active pointer switch. A load that runs longer
+than the load timeout is refused (stage "timeout"); Python cannot stop its
+thread, so whatever it produces later is closed, never served. Requests hold a reference
 (counted) to the version they started on, and a retired version is closed once
 its last request finishes. The device agent drives this API directly.
 """
@@ -27,6 +29,7 @@ from .runtimes.base import (
     Signature,
     runtime_class,
 )
+from .settings import ServerSettings
 
 log = logging.getLogger("modelfleet.scoring.host")
 
@@ -229,10 +232,16 @@ class ModelHost:
     """The active model version of one server; `load()` hot-swaps atomically."""
 
     def __init__(
-        self, metrics: ScoringMetrics | None = None, *, inline_threshold_ms: float = 1.0
+        self,
+        metrics: ScoringMetrics | None = None,
+        *,
+        inline_threshold_ms: float = 1.0,
+        load_timeout_s: float | None = ServerSettings.load_timeout_s,
     ) -> None:
         self.metrics = metrics or ScoringMetrics()
         self.inline_threshold_s = inline_threshold_ms / 1000.0
+        #: a prepare() running longer is refused with stage "timeout"; None: no limit
+        self.load_timeout_s = load_timeout_s
         self._active: LoadedModel | None = None
         self._load_lock = threading.Lock()
         self._swap_lock = threading.Lock()
@@ -269,7 +278,7 @@ class ModelHost:
         # AZUREML_MODEL_DIR (or anything its init() set) to the serving one
         environ = dict(os.environ)
         try:
-            model = self._prepare(spec)
+            model = self._prepare_in_time(spec)
         except ModelLoadError as exc:
             _restore_environ(environ)
             self.metrics.load_failures += 1
@@ -312,9 +321,39 @@ class ModelHost:
         if old is not None:
             old.retire()
 
-    def _prepare(self, spec: ModelSpec) -> LoadedModel:
+    def _prepare_in_time(self, spec: ModelSpec) -> LoadedModel:
+        """`_prepare` on a thread of its own, given up after `load_timeout_s`.
+
+        The thread cannot be stopped: a load that finishes after it was given up
+        closes what it loaded itself (`_LoadAttempt.run`), so it never serves.
+        """
+        if self.load_timeout_s is None:
+            return self._prepare(spec)
+        attempt = _LoadAttempt(spec)
+        thread = threading.Thread(
+            target=attempt.run, args=(self._prepare,), name=f"modelfleet-load-{spec.version}", daemon=True
+        )
+        thread.start()
+        if attempt.done.wait(self.load_timeout_s):
+            return attempt.outcome()
+        if not attempt.give_up():
+            return attempt.outcome()  # it finished just now
+        log.error(
+            "event=model_load_timeout name=%s version=%s timeout_s=%g thread=%s",
+            spec.name, spec.version, self.load_timeout_s, thread.name,
+        )
+        raise ModelLoadError(
+            "timeout",
+            f"loading version {spec.version} (import, init() and warm-up) did not finish within "
+            f"{self.load_timeout_s:g} s (--load-timeout-s); the old version keeps serving, and the "
+            "hung load is left running in a background thread and dropped if it ever returns",
+        )
+
+    def _prepare(self, spec: ModelSpec, attempt: _LoadAttempt | None = None) -> LoadedModel:
         try:
             runtime = open_runtime(spec)
+            if attempt is not None:
+                attempt.runtime = runtime
             runtime.load()
         except ModelLoadError:
             raise
@@ -329,6 +368,56 @@ class ModelHost:
             _safe_close(runtime)
             raise ModelLoadError("warmup", describe(exc)) from exc
         return LoadedModel(spec, runtime, warmup_s, self.inline_threshold_s)
+
+
+class _LoadAttempt:
+    """One `prepare()` run on its own thread, which the host may give up waiting for."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.done = threading.Event()
+        self.runtime: ModelRuntime | None = None
+        self._lock = threading.Lock()
+        self._given_up = False
+        self._model: LoadedModel | None = None
+        self._error: BaseException | None = None
+
+    def run(self, prepare: Any) -> None:
+        model: LoadedModel | None = None
+        error: BaseException | None = None
+        try:
+            model = prepare(self.spec, self)
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            error = exc
+        with self._lock:
+            given_up = self._given_up
+            self._model, self._error = model, error
+            self.done.set()
+        if given_up:
+            # too late: the host refused this version already and may serve another
+            if model is not None:
+                model.retire()
+            log.warning(
+                "event=late_load_dropped name=%s version=%s outcome=%s",
+                self.spec.name, self.spec.version, "loaded" if model is not None else describe(error or Exception()),
+            )
+
+    def give_up(self) -> bool:
+        """Stop waiting (the load timed out); False when it finished meanwhile."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._given_up = True
+        abandon = getattr(self.runtime, "abandon", None)
+        if abandon is not None:
+            abandon()  # e.g. an entry script's hold on the process environment
+        return True
+
+    def outcome(self) -> LoadedModel:
+        if self._error is not None:
+            raise self._error
+        assert self._model is not None
+        return self._model
 
 
 def warm_up(runtime: ModelRuntime) -> float | None:

@@ -131,7 +131,7 @@ async def _main(
     settings: ServerSettings, sock: socket.socket, shared: bool, control_sock: socket.socket | None
 ) -> int:
     assert settings.model_dir is not None
-    host = ModelHost(inline_threshold_ms=settings.inline_threshold_ms)
+    host = ModelHost(inline_threshold_ms=settings.inline_threshold_ms, load_timeout_s=settings.load_timeout_s)
     server = ScoringServer(host, settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -43,6 +43,8 @@ class ServerSettings:
     inline_threshold_ms: float = 1.0
     #: idle keep-alive connections (and requests sent too slowly) are closed after this
     keep_alive_s: float = 75.0
+    #: a load (import, init(), warm-up) running longer is refused with stage "timeout"
+    load_timeout_s: float = 300.0
     log_level: str = "INFO"
 
     @property
@@ -77,6 +79,8 @@ class ServerSettings:
                 raise ConfigError(name, f"file not found: {path}")
         if self.keep_alive_s <= 0:
             raise ConfigError("keep_alive_s", f"must be positive, got {self.keep_alive_s}")
+        if self.load_timeout_s <= 0:
+            raise ConfigError("load_timeout_s", f"must be positive, got {self.load_timeout_s}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}")
         return self

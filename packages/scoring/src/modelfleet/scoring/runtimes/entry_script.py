@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,48 @@ from ..errors import InputError, ModelLoadError, RequestError, ScriptError, desc
 from .base import RawResponse, ScoreInput, Signature, is_msgpack
 
 _counter = itertools.count(1)
-# init() reads the model folder from the process environment, so loads run one at a time.
-# A refused version's changes to the environment are undone by ModelHost.load.
-_env_lock = threading.Lock()
+
+
+class _EnvTurn:
+    """A lock whose holder can be given up on: a load past its timeout lets the next one run.
+
+    init() reads the model folder from the process environment, so loads run one
+    at a time; a hung init() would hold a plain lock forever and every later load
+    would queue behind it. A released or abandoned holder's own release is a no-op.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: object | None = None
+        self._given_up: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def acquire(self, owner: object) -> bool:
+        """Wait for the turn; False when the load was given up on meanwhile."""
+        with self._cond:
+            while self._owner is not None and owner not in self._given_up:
+                self._cond.wait()
+            if owner in self._given_up:
+                return False
+            self._owner = owner
+            return True
+
+    def release(self, owner: object) -> None:
+        with self._cond:
+            if self._owner is owner:
+                self._owner = None
+                self._cond.notify_all()
+
+    def give_up(self, owner: object) -> None:
+        """Free the turn if `owner` holds it, and never hand it to `owner` again."""
+        with self._cond:
+            self._given_up.add(owner)
+            if self._owner is owner:
+                self._owner = None
+            self._cond.notify_all()
+
+
+# A refused version's changes to the environment are undone by ModelHost.prepare.
+_env_turn = _EnvTurn()
 _MODEL_DIR_VARS = ("MODELFLEET_MODEL_DIR", "AZUREML_MODEL_DIR")
 # sys.path and the helper-module bookkeeping; held only briefly
 _paths_lock = threading.Lock()
@@ -61,7 +101,9 @@ class EntryScriptRuntime:
             raise ModelLoadError("load", f"cannot import entry script {self.script}")
         module = importlib.util.module_from_spec(spec)
         script_dir = str(self.script.parent.resolve())
-        with _env_lock:
+        if not _env_turn.acquire(self):
+            raise ModelLoadError("timeout", "given up while waiting for another load to finish")
+        try:
             for var in _MODEL_DIR_VARS:
                 os.environ[var] = str(self.model_dir)
             # helper modules next to score.py import as they do on Azure ML; another
@@ -85,12 +127,18 @@ class EntryScriptRuntime:
                             sys.path.remove(script_dir)
                         _forget_modules_in(script_dir)
                 raise
+        finally:
+            _env_turn.release(self)
         self.module = module
         self._run = run
         with _paths_lock:
             _script_dirs[script_dir] += 1
         self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
         self._signature = self._read_schema(run)
+
+    def abandon(self) -> None:
+        """The host gave up on this load (timeout): let the next load take the environment."""
+        _env_turn.give_up(self)
 
     def _import_and_init(self, loader: Any, module: types.ModuleType) -> tuple[Any, bool]:
         """Execute the script and call its init(); its run() and whether it asked for raw mode."""

@@ -1,0 +1,153 @@
+"""A load whose init() hangs: refused with stage "timeout" after --load-timeout-s, the old version serves.
+
+The hung init() waits for a file the test writes at the end (or gives up after a
+minute), so its thread does return: what it loaded then must be closed, never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelfleet.scoring import ModelHost, ModelLoadError, ModelSpec
+
+ADMIN = "admin-token-for-the-timeout-test"
+
+# init() blocks until RELEASE exists (far longer than any timeout the tests use)
+HANGS = '''
+import os
+import time
+
+RELEASE = {release!r}
+
+def init():
+    deadline = time.monotonic() + 60
+    while not os.path.exists(RELEASE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+def run(data):
+    return {{"version": "hung"}}
+'''
+
+ANSWERS = '''
+import os
+
+def init():
+    pass
+
+def run(data):
+    return {{"version": {version!r}, "dir": os.environ["AZUREML_MODEL_DIR"]}}
+'''
+
+
+def _bundle(root: Path, name: str, text: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "score.py").write_text(text)
+    return folder
+
+
+def _hung_bundle(tmp_path: Path) -> tuple[Path, Path]:
+    release = tmp_path / "release-init"
+    return _bundle(tmp_path, "hangs", HANGS.format(release=str(release))), release
+
+
+def test_hung_init_is_refused_and_its_late_result_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    v1 = _bundle(tmp_path, "v1", ANSWERS.format(version="1"))
+    v3 = _bundle(tmp_path, "v3", ANSWERS.format(version="3"))
+    hangs, release = _hung_bundle(tmp_path)
+    host = ModelHost(load_timeout_s=0.5)
+    caplog.set_level(logging.INFO, logger="modelfleet.scoring.host")
+    try:
+        host.load(ModelSpec(v1, "score.py", version="1"))
+        first = host.active
+        assert first is not None
+        started = time.monotonic()
+        with pytest.raises(ModelLoadError) as info:
+            host.load(ModelSpec(hangs, "score.py", version="2"))
+        assert time.monotonic() - started < 30
+        assert info.value.stage == "timeout"
+        assert "did not finish within 0.5 s (--load-timeout-s)" in info.value.reason
+        assert "old version keeps serving" in info.value.reason
+        assert host.active is first and not first.closed
+        assert os.environ["AZUREML_MODEL_DIR"] == str(v1)
+        assert host.metrics.load_failures == 1
+        # the hung init() still holds nothing the next load needs
+        host.load(ModelSpec(v3, "score.py", version="3"))
+        active = host.active
+        assert active is not None and active.version == "3"
+        # let the hung init() return: its version is closed, not served
+        release.write_text("")
+        deadline = time.monotonic() + 30
+        while not any("event=late_load_dropped" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the late load was never dropped"
+            time.sleep(0.02)
+        assert host.active is active
+        assert os.environ["AZUREML_MODEL_DIR"] == str(v3)
+        assert not any(m.startswith("modelfleet_entry_") and m.endswith("_score") and
+                       getattr(sys.modules[m], "__file__", "").startswith(str(hangs)) for m in list(sys.modules))
+        assert str(hangs.resolve()) not in sys.path
+    finally:
+        release.write_text("")
+        host.unload()
+
+
+def _admin(url: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v2/repository/models/m/load", json=body,
+        headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_admin_load_that_hangs_is_refused_and_the_next_one_succeeds(  # type: ignore[no-untyped-def]
+    serve_process, tmp_path: Path, workers: str
+) -> None:
+    v1 = _bundle(tmp_path, "v1", ANSWERS.format(version="1"))
+    v3 = _bundle(tmp_path, "v3", ANSWERS.format(version="3"))
+    hangs, release = _hung_bundle(tmp_path)
+    admin = tmp_path / "admin.key"
+    admin.write_text(ADMIN + "\n")
+    _proc, url = serve_process(
+        "--model-dir", str(v1), "--entry-script", "score.py", "--model-name", "m",
+        "--admin-key-file", str(admin), "--workers", workers, "--load-timeout-s", "1",
+    )
+    try:
+        r = _admin(url, {"model_dir": str(hangs), "entry_script": "score.py", "version": "2"})
+        assert r.status_code == 422, r.text
+        assert r.json()["stage"] == "timeout"
+        assert "did not finish within 1 s (--load-timeout-s)" in r.json()["error"]
+        if workers == "2":
+            assert r.json()["error"].startswith("worker ")
+        for _ in range(10):  # new connections: with 2 workers, both answer
+            with httpx.Client(base_url=url, timeout=10) as c:
+                assert c.post("/score", json={}).json() == {"version": "1", "dir": str(v1)}
+        r = _admin(url, {"model_dir": str(v3), "entry_script": "score.py", "version": "3"})
+        assert r.status_code == 200, r.text
+        for _ in range(10):
+            with httpx.Client(base_url=url, timeout=10) as c:
+                answer = c.post("/score", json={})
+                assert answer.json() == {"version": "3", "dir": str(v3)}
+                assert answer.headers["x-model-version"] == "3"
+    finally:
+        release.write_text("")
+
+
+def test_start_up_load_that_hangs_exits_1_naming_the_timeout(serve_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    hangs, release = _hung_bundle(tmp_path)
+    try:
+        proc, _url = serve_process(
+            "--model-dir", str(hangs), "--entry-script", "score.py", "--load-timeout-s", "0.5", wait=False,
+        )
+        assert proc.wait(30) == 1
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "event=startup_failed stage=timeout" in out
+        assert "did not finish within 0.5 s (--load-timeout-s)" in out
+    finally:
+        release.write_text("")
