@@ -1,6 +1,6 @@
 """Scoring server speed: req/s and p50/p99 at concurrency 1/8/32 on the digits ONNX model.
 
-    .venv/bin/python benchmarks/scoring.py [--duration 5] [--pin] [--skip-azml]
+    .venv/bin/python benchmarks/scoring.py [--duration 5] [--pin] [--skip-azml] [--workers 1,2]
 
 Prints, from one run on this machine: raw in-process onnxruntime throughput
 (the ceiling), then the modelfleet server in no-code mode and with an Azure ML
@@ -9,7 +9,10 @@ style score.py, then azmlinfsrv serving the same score.py when it is installed
 `uv venv .cache/azmlinfsrv-venv --python 3.11 && uv pip install --compile-bytecode --python
 .cache/azmlinfsrv-venv/bin/python azureml-inference-server-http onnxruntime "numpy<2"`).
 Also start-up time (process start to ready; the median of `--starts` starts) and
-RSS after the load. Both venvs should hold bytecode (.pyc), as installed
+RSS after the load. `--workers N` serves the modelfleet rows with `serve --workers
+N` (a comma list measures each count in the same run; start-up then waits for
+every worker, and RSS sums the parent and its workers, shared pages counted in
+each). Both venvs should hold bytecode (.pyc), as installed
 packages do: without it each start compiles NumPy & co. from source (a warning
 is printed).
 Load comes from `wrk` (apt-get install wrk). Other work on the machine skews
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -85,6 +89,19 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size of the server and its workers: shared pages split between them."""
+    total = 0
+    for p in [pid] + [int(c) for c in _children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
 def _children(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -120,7 +137,9 @@ def ceiling(model: Path, row: list[float], seconds: float) -> dict[str, float]:
     return out
 
 
-def start(cmd: list[str], env: dict[str, str], port: int, ready_path: str, pin: str | None) -> tuple[subprocess.Popen[bytes], float]:
+def start(cmd: list[str], env: dict[str, str], port: int, ready_path: str, pin: str | None,
+          workers: int = 1) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a server; (process, seconds until ready, with `workers` > 1 until every worker logged ready)."""
     if pin:
         cmd = ["taskset", "-c", pin, *cmd]
     # stderr to a file, not a pipe nobody reads: a server logging per request would fill it and stall
@@ -135,14 +154,22 @@ def start(cmd: list[str], env: dict[str, str], port: int, ready_path: str, pin: 
                     log.seek(0)
                     raise RuntimeError(f"{cmd[0]} exited: {log.read().decode(errors='replace')[-2000:]}")
                 try:
-                    if client.get(url).status_code == 200:
-                        return proc, time.perf_counter() - t0
+                    ready = client.get(url).status_code == 200
                 except httpx.HTTPError:
-                    pass
+                    ready = False
+                # /ready answers once one worker serves; each logs event=ready (INFO)
+                if ready and (workers == 1 or _logged(log, "event=ready ") >= workers):
+                    return proc, time.perf_counter() - t0
                 time.sleep(0.002)
         proc.kill()
         proc.wait(5)
     raise RuntimeError(f"{cmd} not ready after 60 s")
+
+
+def _logged(log: IO[bytes], needle: str) -> int:
+    # pread: the server writes through the same file offset; moving it would interleave
+    fd = log.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace").count(needle)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -182,14 +209,14 @@ def has_bytecode(python: Path) -> bool:
 
 
 def measure(name: str, cmd: list[str], env: dict[str, str], port: int, ready: str, lua: Path,
-            args: argparse.Namespace, check_body: bytes) -> dict[str, object]:
+            args: argparse.Namespace, check_body: bytes, workers: int = 1) -> dict[str, object]:
     # start-up is the median of several starts: one start varies a lot on a busy machine
     times = []
     for _ in range(max(0, args.starts - 1)):
-        proc, startup = start(cmd, env, port, ready, args.server_cpus)
+        proc, startup = start(cmd, env, port, ready, args.server_cpus, workers)
         stop(proc)
         times.append(startup)
-    proc, startup = start(cmd, env, port, ready, args.server_cpus)
+    proc, startup = start(cmd, env, port, ready, args.server_cpus, workers)
     startup = statistics.median([*times, startup])
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/score", content=check_body,
@@ -197,12 +224,24 @@ def measure(name: str, cmd: list[str], env: dict[str, str], port: int, ready: st
         assert r.status_code == 200 and "probabilities" in r.json(), r.text
         rows = {c: wrk(port, lua, c, args.duration, args.load_cpus) for c in CONCURRENCY}
         rss = rss_mib(proc.pid)
+        pss = pss_mib(proc.pid)
         placement = None
         if ready == "/v2/health/ready":  # ours: where the model ended up being scored
             placement = httpx.get(f"http://127.0.0.1:{port}/v2/models/model").json().get("parameters")
     finally:
         stop(proc)
-    return {"name": name, "startup_s": startup, "rss_mib": rss, "rows": rows, "placement": placement}
+    return {"name": name, "workers": workers, "startup_s": startup, "rss_mib": rss, "pss_mib": pss, "rows": rows,
+            "placement": placement}
+
+
+def _worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be worker counts like 1 or 1,2, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be worker counts of at least 1, got {text!r}")
+    return counts
 
 
 def main() -> None:
@@ -212,6 +251,8 @@ def main() -> None:
     parser.add_argument("--skip-azml", action="store_true")
     parser.add_argument("--starts", type=int, default=5, help="starts per server; start-up is their median")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--workers", default="1", type=_worker_counts,
+                        help="serve --workers N for the modelfleet rows; a comma list (1,2) measures each")
     args = parser.parse_args()
     args.server_cpus = "0" if args.pin else None
     args.load_cpus = "1" if args.pin else None
@@ -242,7 +283,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"wrk.body = {json.dumps(body)}\n"
     )
     print(f"# scoring benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  "
-          f"body={len(body)} B  wrk {args.duration:g}s per level{'  pinned' if args.pin else ''}")
+          f"body={len(body)} B  wrk {args.duration:g}s per level  "
+          f"workers={','.join(map(str, args.workers))}{'  pinned' if args.pin else ''}")
     ceil = ceiling(model, row, 2.0)
     print(f"in-process ceiling: onnxruntime run {ceil['ort_run']:,.0f}/s; "
           f"orjson decode + run + encode {ceil['json_ort_json']:,.0f}/s")
@@ -254,17 +296,20 @@ def run(args: argparse.Namespace, work: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     results = []
     py = str(ROOT / ".venv" / "bin" / "python")
-    port = free_port()
-    results.append(measure(
-        "modelfleet no-code", [py, "-m", "modelfleet.scoring", "serve", "--model-dir", str(model_dir),
-                               "--port", str(port), "--log-level", "WARNING"],
-        env, port, "/v2/health/ready", lua, args, body.encode()))
-    port = free_port()
-    results.append(measure(
-        "modelfleet score.py", [py, "-m", "modelfleet.scoring", "serve", "--model-dir", str(model_dir),
-                                "--entry-script", str(work / "score.py"), "--port", str(port),
-                                "--log-level", "WARNING"],
-        env, port, "/v2/health/ready", lua, args, body.encode()))
+    for workers in args.workers:
+        # one count of 1: the rows keep their names (comparable with earlier runs)
+        suffix = "" if args.workers == [1] else f" w={workers}"
+        flags = ["--log-level", "WARNING"] if workers == 1 else ["--workers", str(workers), "--log-level", "INFO"]
+        port = free_port()
+        results.append(measure(
+            "modelfleet no-code" + suffix, [py, "-m", "modelfleet.scoring", "serve", "--model-dir", str(model_dir),
+                                            "--port", str(port), *flags],
+            env, port, "/v2/health/ready", lua, args, body.encode(), workers))
+        port = free_port()
+        results.append(measure(
+            "modelfleet score.py" + suffix, [py, "-m", "modelfleet.scoring", "serve", "--model-dir", str(model_dir),
+                                             "--entry-script", str(work / "score.py"), "--port", str(port), *flags],
+            env, port, "/v2/health/ready", lua, args, body.encode(), workers))
     if AZML.exists() and not args.skip_azml:
         port = free_port()
         azml_env = {**env, "AZUREML_MODEL_DIR": str(model_dir)}
@@ -275,13 +320,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
         print(f"(azmlinfsrv not found at {AZML}; skipped)")
 
     print()
-    header = f"{'server':<22}" + "".join(f"{'c=' + str(c) + ' req/s':>13}" for c in CONCURRENCY)
+    width = max(22, *(len(str(res["name"])) + 1 for res in results))
+    header = f"{'server':<{width}}" + "".join(f"{'c=' + str(c) + ' req/s':>13}" for c in CONCURRENCY)
     header += f"{'p50 c=1':>10}{'p99 c=1':>10}{'p50 c=32':>10}{'p99 c=32':>10}{'start-up':>10}{'RSS':>9}"
     print(header)
     for res in results:
         rows = res["rows"]
         assert isinstance(rows, dict)
-        line = f"{res['name']:<22}" + "".join(f"{rows[c]['rps']:>13,.0f}" for c in CONCURRENCY)
+        line = f"{res['name']:<{width}}" + "".join(f"{rows[c]['rps']:>13,.0f}" for c in CONCURRENCY)
         line += (f"{rows[1]['p50_ms']:>8.3f}ms{rows[1]['p99_ms']:>8.3f}ms"
                  f"{rows[32]['p50_ms']:>8.2f}ms{rows[32]['p99_ms']:>8.2f}ms"
                  f"{res['startup_s']:>9.2f}s{res['rss_mib']:>7.1f}MiB")
@@ -291,18 +337,32 @@ def run(args: argparse.Namespace, work: Path) -> None:
         placement = res.get("placement")
         if isinstance(placement, dict):
             line += f"  [{placement.get('placement')}{', moved to the pool' if placement.get('moved_to_pool') else ''}]"
+        if res["workers"] != 1:
+            line += f"  (PSS {res['pss_mib']:.1f}MiB, RSS counts shared pages in each process)"
         print(line)
-    if len(results) == 3:
-        ours, azml = results[0]["rows"], results[2]["rows"]
+    azml_res = [res for res in results if res["name"] == "azmlinfsrv score.py"]
+    if azml_res:
+        ours, azml = results[0]["rows"], azml_res[0]["rows"]
         assert isinstance(ours, dict) and isinstance(azml, dict)
         ratios = "  ".join(f"c={c}: {ours[c]['rps'] / azml[c]['rps']:.1f}x" for c in CONCURRENCY)
-        print(f"\nno-code vs azmlinfsrv: {ratios}")
+        print(f"\nno-code{'' if args.workers == [1] else f' w={args.workers[0]}'} vs azmlinfsrv: {ratios}")
     # the machine is shared: runs compare by their ratio to the ceiling measured in the same run
     shares = "  ".join(
         f"{res['name']}: {res['rows'][8]['rps'] / ceil['json_ort_json']:.1%}"  # type: ignore[index]
         for res in results if str(res["name"]).startswith("modelfleet")
     )
     print(f"c=8 as a share of the in-process decode + run + encode ceiling: {shares}")
+    if len(args.workers) > 1:
+        base = args.workers[0]
+        for kind in ("no-code", "score.py"):
+            by_count = {res["workers"]: res["rows"] for res in results if f"modelfleet {kind}" in str(res["name"])}
+            gains = "  ".join(
+                f"w={w}: " + " / ".join(
+                    f"{rows[c]['rps'] / by_count[base][c]['rps']:.2f}x" for c in CONCURRENCY  # type: ignore[index]
+                )
+                for w, rows in by_count.items() if w != base
+            )
+            print(f"{kind} req/s c={'/'.join(map(str, CONCURRENCY))} against w={base}: {gains}")
     if args.json:
         args.json.write_text(json.dumps({"ceiling": ceil, "results": results}, indent=2, default=str))
 
