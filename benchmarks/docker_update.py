@@ -4,14 +4,17 @@ The update is measured twice in the same run: modelfleet's hot-swap
 (`DockerTarget.update`) and, as the baseline, what a user would do without it
 (delete the container and deploy the new version on the same port). Both run
 with the same client load; the figures are failed requests and the time the
-service did not answer.
+service did not answer. With `--replicas N` the container runs N workers
+(numReplicas); after the hot-swap, 60 requests over new connections show
+which version and how many workers answer.
 
-    .venv/bin/python benchmarks/docker_update.py [--clients 4]
+    .venv/bin/python benchmarks/docker_update.py [--clients 4] [--replicas 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -32,8 +35,6 @@ from modelfleet.deployer.targets.docker import DockerTarget
 
 
 def model(path: Path, version: int) -> ModelBinding:
-    import hashlib
-
     return ModelBinding("digits", version, path, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
@@ -46,6 +47,7 @@ def keyed(record: ServiceRecord) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--replicas", type=int, default=1, help="numReplicas: workers in the container")
     args = parser.parse_args()
     target = DockerTarget()
     quiet = lambda _line: None  # noqa: E731
@@ -53,7 +55,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         v1 = model(make_digits_onnx(tmp / "v1" / "model.onnx", variant=1), 1)
         v2 = model(make_digits_onnx(tmp / "v2" / "model.onnx", variant=4), 2)
-        deployment = DeploymentConfig(cpu_cores=1.0, memory_gb=0.5)
+        deployment = DeploymentConfig(cpu_cores=1.0, memory_gb=0.5, replicas=args.replicas)
         spec = ServiceSpec("bench-docker", (v1,), InferenceConfig(), deployment, tmp / "svc")
 
         t = time.perf_counter()
@@ -93,10 +95,25 @@ def main() -> None:
             swap_s = time.perf_counter() - t
             time.sleep(1.0)
         swap = (load.ok, load.failed, load.longest_gap)
+        after = fresh_answers(url, key, 60)
+
+        # docker stop of the running container (what delete does first): SIGTERM
+        # reaches the server, which stops its workers; docker's grace is 10 s
+        container = target.client.containers.get(record.target_data["container_id"])
+        t = time.perf_counter()
+        container.stop(timeout=10)
+        stop_s = time.perf_counter() - t
+        container.reload()
+        stop_code = container.attrs["State"]["ExitCode"]
+        container.start()
+        deadline = time.monotonic() + 60
+        while target.status(record).state != "healthy" and time.monotonic() < deadline:
+            time.sleep(0.1)
 
         # baseline: delete + deploy the next version on the same port
         port = int(record.target_data["port"])
-        v1_again = replace(spec, models=(v1,), deployment=replace(deployment, port=port))
+        # the same key too, or every request after the redeploy fails with 401
+        v1_again = replace(spec, models=(v1,), deployment=replace(deployment, port=port, primary_key=key))
         with Load(url, key, args.clients) as load:
             time.sleep(1.0)
             t = time.perf_counter()
@@ -113,6 +130,7 @@ def main() -> None:
     print(f"{'service image build, new content (s)':44} {fresh_build:12.2f}")
     print(f"{'service image, unchanged spec (s)':44} {cached_build:12.2f}")
     print(f"{'deploy to ready, image cached (s)':44} {deploy_s:12.2f}")
+    print(f"{'docker stop (s; grace 10, exit code ' + str(stop_code) + ')':44} {stop_s:12.2f}")
     print()
     print(
         f"update under load ({args.clients} clients)   {'ok':>8} {'failed':>8} {'gap s':>8} {'took s':>8}"
@@ -121,6 +139,25 @@ def main() -> None:
     print(
         f"{'baseline: delete + deploy':36} {recreate[0]:8d} {recreate[1]:8d} {recreate[2]:8.2f} {recreate_s:8.2f}"
     )
+    versions = [v for v, _ in after]
+    print(
+        f"after the hot-swap ({args.replicas} workers): {versions.count('2')} of {len(after)} new "
+        f"connections answered by version 2, from {len({w for _, w in after})} workers"
+    )
+
+
+def fresh_answers(url: str, key: str, n: int) -> list[tuple[str, str]]:
+    """(version, worker) of `n` requests, each over a new connection."""
+    import httpx
+
+    from modelfleet.deployer.samples import digits_rows
+
+    seen = []
+    for _ in range(n):
+        with httpx.Client(timeout=10) as client:
+            r = client.post(url, json={"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"})
+        seen.append((r.headers.get("x-model-version", "?"), r.headers.get("x-request-id", "?").split("-")[0]))
+    return seen
 
 
 if __name__ == "__main__":

@@ -122,14 +122,6 @@ def test_existing_container_of_that_name_is_not_replaced(
         other.remove(force=True)
 
 
-def test_more_than_one_replica_is_refused(
-    make_spec: SpecFactory, docker_target: DockerTarget
-) -> None:
-    spec = make_spec(deployment=DeploymentConfig(replicas=3))
-    with pytest.raises(DeploymentError, match="one container per service, not 3"):
-        docker_target.deploy(spec, lambda _line: None)
-
-
 def test_container_killed_for_memory_names_the_limit(
     make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
 ) -> None:

@@ -7,6 +7,9 @@ server with no restart. `update` hot-swaps: the new release is copied into
 the running container, loaded and warmed beside the old one through the
 server's admin endpoint, and only then does traffic move; the rebuilt image
 is recorded so a recreated container starts on the new version.
+numReplicas N runs the container's server as `serve --workers N`: N worker
+processes in the one container, sharing its cpu/memory limits; the admin load
+of an update reaches their supervisor, which swaps every worker (two phases).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 WORKDIR_IN_CONTAINER = "/var/modelfleet/service"
 LABEL_SERVICE = "modelfleet.service"
 LABEL_TARGET = "modelfleet.target"
+# `docker stop` grace: the server stops its workers and exits well within it.
+STOP_TIMEOUT_S = 10
 LAST_LOG_LINES = 20
 READY_TIMEOUT_ENV = "MODELFLEET_DOCKER_READY_TIMEOUT"
 DEFAULT_READY_TIMEOUT_S = 120.0
@@ -150,11 +155,6 @@ class DockerTarget:
         import docker.errors
 
         timeout = ready_timeout()  # a bad value fails before anything is built
-        if spec.deployment.replicas != 1:
-            raise DockerTargetError(
-                f"the docker target runs one container per service, not {spec.deployment.replicas}",
-                hint="set replicas to 1 (numReplicas), or use the kubernetes target for more",
-            )
         client = self.client
         container_name = _container_name(spec.name)
         try:
@@ -166,6 +166,9 @@ class DockerTarget:
                 f"a container named {container_name} already exists; "
                 f"delete the service first (modelfleet service delete {spec.name})"
             )
+        note = scaling_note(spec)
+        if note:
+            progress(note)
         tag, release, _built = self.build(spec, progress)
         port = spec.deployment.port or free_port()
         try:
@@ -202,6 +205,8 @@ class DockerTarget:
                 "workdir": str(spec.workdir),
                 "keys_file": str(keys_file) if keys_file else None,
                 "admin_key_file": str(spec.workdir / ADMIN_KEY_FILE),
+                "workers": spec.deployment.replicas,
+                "note": note or None,
             },
         )
 
@@ -342,7 +347,8 @@ class DockerTarget:
             ran = str((container.attrs.get("Config") or {}).get("Image") or "")
             if ran.startswith(f"{images.SERVICE_REPO}:"):
                 tags.append(ran)
-            progress(f"removing container {name}")
+            progress(f"stopping container {name}")
+            _stop_container(container)
             _remove_container(container)
         # Service images go with the service (unless another service uses the same
         # content); base and runtime images stay cached for the next build.
@@ -366,6 +372,7 @@ class DockerTarget:
             "--admin-key-file", f"{WORKDIR_IN_CONTAINER}/{ADMIN_KEY_FILE.as_posix()}",
             "--scoring-timeout-ms", str(d.scoring_timeout_ms),
             "--max-concurrent-requests", str(d.max_concurrent_requests),
+            "--workers", str(d.replicas),
         ]  # fmt: skip
         if keys_file is not None:
             rel = keys_file.resolve().relative_to(workdir).as_posix()
@@ -451,6 +458,22 @@ def _give_to_server(workdir: Path, secrets: list[Path | None]) -> None:
         path.chmod(0o600)
 
 
+def scaling_note(spec: ServiceSpec) -> str:
+    """What of the deployment config the docker target does not apply (empty when nothing).
+
+    numReplicas N is applied as `serve --workers N` inside the one container (the
+    workers share its cpu/memory limits; an update's load request swaps them all);
+    autoScaler is not: the worker count is fixed while the container runs.
+    """
+    dep = spec.deployment
+    if not dep.autoscale_enabled:
+        return ""
+    return (
+        "autoScaler ignored: the docker target runs a fixed number of worker processes "
+        f"in one container (numReplicas, here {dep.replicas}), sharing its cpu/memory limits"
+    )
+
+
 def _container_name(service: str) -> str:
     return f"modelfleet-{service}"
 
@@ -518,6 +541,22 @@ def _last_lines(container: Any) -> tuple[str, ...]:
     except Exception:  # the container may be gone already; status must still answer
         return ()
     return tuple(raw.decode(errors="replace").splitlines()[-LAST_LOG_LINES:])
+
+
+def _stop_container(container: Any) -> None:
+    """`docker stop`: SIGTERM to the server (tini, PID 1, forwards it), which lets
+    in-flight requests finish and stops its workers; SIGKILL only after the grace."""
+    import docker.errors
+
+    t = time.monotonic()
+    try:
+        container.stop(timeout=STOP_TIMEOUT_S)
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as exc:  # removal (force) still follows
+        log.warning("docker stop failed container=%s reason=%r", container.short_id, str(exc))
+        return
+    log.info("docker stop container=%s took=%.2fs", container.short_id, time.monotonic() - t)
 
 
 def _remove_container(container: Any) -> None:
