@@ -132,3 +132,18 @@ def test_raw_responses_that_cannot_go_on_the_wire_are_named() -> None:
     assert _raw_response_problem(RawResponse(200, b"", [("X-Name", "Zoë ☃")])) == (
         "a response header that is not Latin-1 text: 'X-Name'"
     )
+
+
+def test_query_args_behave_as_a_flask_multidict() -> None:
+    from modelfleet.scoring.azureml_compat import QueryArgs
+
+    args = QueryArgs([("a", "1"), ("b", "x"), ("a", "2"), ("a", "z")])
+    assert args == {"a": "1", "b": "x"} and args["a"] == "1"
+    assert args.getlist("a") == ["1", "2", "z"] and args.getlist("a", type=int) == [1, 2]
+    assert args.getlist("none") == [] and args.get("b", type=int) is None
+    copy = args.copy()
+    args["a"] = "9"  # setting replaces every value, as MultiDict does
+    assert args.getlist("a") == ["9"] and copy.getlist("a") == ["1", "2", "z"]
+    del args["b"]
+    assert args.to_dict(flat=False) == {"a": ["9"]} and "b" not in args
+    assert repr(copy) == "QueryArgs([('a', '1'), ('a', '2'), ('a', 'z'), ('b', 'x')])"
