@@ -47,7 +47,9 @@ def keyed(record: ServiceRecord) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--replicas", type=int, default=1, help="numReplicas: workers in the container")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="numReplicas: workers in the container"
+    )
     args = parser.parse_args()
     target = DockerTarget()
     quiet = lambda _line: None  # noqa: E731
@@ -113,7 +115,9 @@ def main() -> None:
         # baseline: delete + deploy the next version on the same port
         port = int(record.target_data["port"])
         # the same key too, or every request after the redeploy fails with 401
-        v1_again = replace(spec, models=(v1,), deployment=replace(deployment, port=port, primary_key=key))
+        v1_again = replace(
+            spec, models=(v1,), deployment=replace(deployment, port=port, primary_key=key)
+        )
         with Load(url, key, args.clients) as load:
             time.sleep(1.0)
             t = time.perf_counter()
@@ -155,8 +159,15 @@ def fresh_answers(url: str, key: str, n: int) -> list[tuple[str, str]]:
     seen = []
     for _ in range(n):
         with httpx.Client(timeout=10) as client:
-            r = client.post(url, json={"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"})
-        seen.append((r.headers.get("x-model-version", "?"), r.headers.get("x-request-id", "?").split("-")[0]))
+            r = client.post(
+                url, json={"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"}
+            )
+        seen.append(
+            (
+                r.headers.get("x-model-version", "?"),
+                r.headers.get("x-request-id", "?").split("-")[0],
+            )
+        )
     return seen
 
 

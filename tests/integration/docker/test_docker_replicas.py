@@ -55,7 +55,9 @@ def _fresh_answers(uri: str, key: str, n: int = 40) -> list[httpx.Response]:
     for _ in range(n):
         with httpx.Client(timeout=10) as client:
             answers.append(
-                client.post(uri, json={"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"})
+                client.post(
+                    uri, json={"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"}
+                )
             )
     return answers
 
@@ -90,9 +92,14 @@ def test_replicas_run_as_workers_swap_together_and_stop_cleanly(
 
     uri, key = str(record.scoring_uri), _key(record)
     spec_v2 = make_spec(
-        name=spec.name, workdir=spec.workdir, deployment=deployment, models=(binding(digits_onnx_v2, 2),)
+        name=spec.name,
+        workdir=spec.workdir,
+        deployment=deployment,
+        models=(binding(digits_onnx_v2, 2),),
     )
-    with Traffic(uri, {"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"}) as traffic:
+    with Traffic(
+        uri, {"data": digits_rows(1)}, headers={"Authorization": f"Bearer {key}"}
+    ) as traffic:
         assert _poll(lambda: traffic.ok > 30)
         updated = docker_target.update(record, spec_v2, lambda _line: None)
         deployed.records[-1] = updated
