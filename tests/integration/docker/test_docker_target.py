@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -330,3 +331,56 @@ def test_delete_of_an_interrupted_deploy_removes_its_container_and_image(
             docker_client.images.get(record.target_data["image"])
     finally:
         docker_target.delete(record, lambda _line: None)
+
+
+def test_an_image_built_by_a_deploy_killed_before_its_container_goes_with_the_takeover(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any, tmp_path: Path
+) -> None:
+    """Killed between the image build and the container start: no container names the
+    image and the claimed record holds only the workdir; the workdir's note finds it."""
+    import docker.errors
+
+    from modelfleet.deployer.targets.base import InferenceConfig
+    from modelfleet.deployer.targets.docker import IMAGES_FILE
+
+    src = tmp_path / "src"  # content of its own, so that no other service shares the image
+    src.mkdir()
+    (src / "score.py").write_text(
+        f"# {uuid.uuid4()}\ndef init():\n    pass\n\ndef run(d):\n    return d\n"
+    )
+    spec = make_spec(inference=InferenceConfig(source_directory=src, entry_script="score.py"))
+    spec.workdir.mkdir(parents=True)
+    # what the killed deploy did: build the image, start no container, record nothing
+    tag, _release, built = docker_target.build(spec, lambda _line: None)
+    assert built
+    assert (spec.workdir / IMAGES_FILE).read_text().split() == [tag]
+    try:
+        claimed = ServiceRecord(
+            spec.name, "docker", "creating", target_data={"workdir": str(spec.workdir.resolve())}
+        )
+        progress: list[str] = []
+        docker_target.delete(claimed, progress.append)  # what the takeover runs
+        assert f"removed image {tag}" in progress
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_client.images.get(tag)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag)
+
+
+def test_the_images_note_names_only_service_images(
+    make_spec: SpecFactory, docker_target: DockerTarget, docker_client: Any
+) -> None:
+    """A line that is not a service image (the workdir is the user's to edit) removes nothing."""
+    from modelfleet.deployer.docker_images import ensure_base_image
+    from modelfleet.deployer.targets.docker import IMAGES_FILE
+
+    base = ensure_base_image(docker_client)
+    spec = make_spec()
+    spec.workdir.mkdir(parents=True)
+    (spec.workdir / IMAGES_FILE).write_text(f"{base}\n")
+    claimed = ServiceRecord(
+        spec.name, "docker", "creating", target_data={"workdir": str(spec.workdir)}
+    )
+    docker_target.delete(claimed, lambda _line: None)
+    docker_client.images.get(base)  # still there

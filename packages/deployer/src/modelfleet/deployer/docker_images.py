@@ -647,12 +647,16 @@ def ensure_service_image(
     progress: Progress = lambda _line: None,
     *,
     extra: ExtraSteps | None = None,
+    before_build: Callable[[str], None] = lambda _tag: None,
 ) -> tuple[str, bool]:
     """Build the service image unless its content-derived tag exists.
 
     `extra` (extraDockerfileSteps) goes right after FROM: after the runtime and
     the user's requirements, before the release and the entry point, so a new
     model version reuses the steps' cached layers.
+
+    `before_build(tag)` runs once the tag is known, before anything is built or
+    reused, so that a caller can note the image where an interrupted run finds it.
 
     Returns (tag, built): `built` is False when an identical image was reused.
     """
@@ -673,6 +677,7 @@ def ensure_service_image(
         ["service-v4", runtime_id, release.id, launcher, dockerfile, extra_steps_key(extra)]
     )
     tag = f"{SERVICE_REPO}:{key[:16]}"
+    before_build(tag)
     if _image_exists(client, tag):
         progress(f"image {tag} is up to date (not rebuilt)")
         return tag, False

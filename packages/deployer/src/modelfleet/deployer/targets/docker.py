@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 WORKDIR_IN_CONTAINER = "/var/modelfleet/service"
 LABEL_SERVICE = "modelfleet.service"
 LABEL_TARGET = "modelfleet.target"
+# In the service workdir: every service image a deploy or an update of this
+# service built or chose, written before the build starts, so a CLI killed
+# before it recorded the image (or started a container) leaves it findable.
+IMAGES_FILE = "docker-images"
 # `docker stop` grace: the server stops its workers and exits well within it.
 STOP_TIMEOUT_S = 10
 LAST_LOG_LINES = 20
@@ -146,7 +150,14 @@ class DockerTarget:
             spec.inference.entry_script,
             spec.name,
         )
-        tag, built = images.ensure_service_image(client, runtime, release, progress, extra=extra)
+        tag, built = images.ensure_service_image(
+            client,
+            runtime,
+            release,
+            progress,
+            extra=extra,
+            before_build=lambda image: _remember_image(spec.workdir, image),
+        )
         return tag, release, built
 
     # ------------------------------------------------------------------ lifecycle
@@ -338,6 +349,9 @@ class DockerTarget:
         client = self.client
         name = str(record.target_data.get("container_name") or _container_name(record.name))
         tags = list(record.target_data.get("images") or [record.target_data.get("image")])
+        # A deploy or update killed before it recorded its image, or before a
+        # container ran it (a claimed record holds only the workdir).
+        tags += _remembered_images(record.target_data.get("workdir"))
         try:
             container = client.containers.get(record.target_data.get("container_id") or name)
         except docker.errors.NotFound:
@@ -472,6 +486,30 @@ def scaling_note(spec: ServiceSpec) -> str:
         "autoScaler ignored: the docker target runs a fixed number of worker processes "
         f"in one container (numReplicas, here {dep.replicas}), sharing its cpu/memory limits"
     )
+
+
+def _remember_image(workdir: Path, tag: str) -> None:
+    """Note `tag` in the workdir before it is built (see IMAGES_FILE), durably."""
+    path = workdir / IMAGES_FILE
+    if tag in _remembered_images(str(workdir)):
+        return
+    with path.open("a") as fh:
+        fh.write(f"{tag}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _remembered_images(workdir: object) -> list[str]:
+    """The service images IMAGES_FILE names (none when there is no such file)."""
+    if not workdir:
+        return []
+    try:
+        text = (Path(str(workdir)) / IMAGES_FILE).read_text()
+    except OSError:
+        return []
+    prefix = f"{images.SERVICE_REPO}:"
+    # Only service images: the file is plain text in a folder the user can edit.
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
 
 
 def _container_name(service: str) -> str:
