@@ -151,3 +151,50 @@ def test_start_up_load_that_hangs_exits_1_naming_the_timeout(serve_process, tmp_
         assert "did not finish within 0.5 s (--load-timeout-s)" in out
     finally:
         release.write_text("")
+
+
+# run() blocks when the warm-up calls it with the schema's example
+HANGS_AT_WARMUP = '''
+import os
+import time
+
+from inference_schema.parameter_types.standard_py_parameter_type import StandardPythonParameterType
+from inference_schema.schema_decorators import input_schema
+
+RELEASE = {release!r}
+
+def init():
+    pass
+
+@input_schema("data", StandardPythonParameterType([1, 2, 3]))
+def run(data):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(RELEASE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {{"version": "hung"}}
+'''
+
+
+def test_hung_warm_up_is_refused_too(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    v1 = _bundle(tmp_path, "v1", ANSWERS.format(version="1"))
+    release = tmp_path / "release-warmup"
+    hangs = _bundle(tmp_path, "hangs", HANGS_AT_WARMUP.format(release=str(release)))
+    host = ModelHost(load_timeout_s=0.5)
+    caplog.set_level(logging.INFO, logger="modelfleet.scoring.host")
+    try:
+        host.load(ModelSpec(v1, "score.py", version="1"))
+        first = host.active
+        with pytest.raises(ModelLoadError) as info:
+            host.load(ModelSpec(hangs, "score.py", version="2"))
+        assert info.value.stage == "timeout"
+        assert host.active is first
+        release.write_text("")
+        deadline = time.monotonic() + 30
+        while not any("event=late_load_dropped" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the late load was never dropped"
+            time.sleep(0.02)
+        assert host.active is first and first is not None and not first.closed
+        assert str(hangs.resolve()) not in sys.path
+    finally:
+        release.write_text("")
+        host.unload()

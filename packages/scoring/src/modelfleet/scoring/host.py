@@ -353,7 +353,7 @@ class ModelHost:
         try:
             runtime = open_runtime(spec)
             if attempt is not None:
-                attempt.runtime = runtime
+                attempt.started(runtime)
             runtime.load()
         except ModelLoadError:
             raise
@@ -402,13 +402,21 @@ class _LoadAttempt:
                 self.spec.name, self.spec.version, "loaded" if model is not None else describe(error or Exception()),
             )
 
+    def started(self, runtime: ModelRuntime) -> None:
+        """The runtime is about to load: known to `give_up()` from here (or refused if too late)."""
+        with self._lock:
+            self.runtime = runtime
+            if self._given_up:
+                raise ModelLoadError("timeout", "given up before the load started")
+
     def give_up(self) -> bool:
         """Stop waiting (the load timed out); False when it finished meanwhile."""
         with self._lock:
             if self.done.is_set():
                 return False
             self._given_up = True
-        abandon = getattr(self.runtime, "abandon", None)
+            runtime = self.runtime
+        abandon = getattr(runtime, "abandon", None)
         if abandon is not None:
             abandon()  # e.g. an entry script's hold on the process environment
         return True
