@@ -43,8 +43,10 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
         json.dumps(
             {
                 "computeType": "docker",
-                "containerResourceRequirements": {"cpu": 0.25, "memoryInGB": 0.25},
+                "containerResourceRequirements": {"cpu": 0.25, "memoryInGB": 0.5},
                 "authEnabled": True,
+                "numReplicas": 2,
+                "autoScaler": {"autoscaleEnabled": True, "maxReplicas": 4},
             }
         )
     )
@@ -56,7 +58,13 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
         view = json.loads(deployed.stdout)
         assert view["target"] == "docker" and view["state"] == "healthy"
         host = docker_client.api.inspect_container(view["container_name"])["HostConfig"]
-        assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 256 * 1024 * 1024
+        assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 512 * 1024 * 1024
+        # numReplicas 2: two workers in the one container; autoScaler noted, not applied
+        note = (
+            "autoScaler ignored: the docker target runs a fixed number of worker processes "
+            "in one container (numReplicas, here 2), sharing its cpu/memory limits"
+        )
+        assert view["workers"] == 2 and view["note"] == note
 
         called = json.loads(run(home, "service", "call", svc, "-d", body, "-o", "json").stdout)
         assert called["status_code"] == 200 and called["model_version"] == "1"
@@ -78,6 +86,7 @@ def test_cli_deploys_calls_updates_and_deletes_a_docker_service(
         assert called["model_version"] == "2"
         shown = json.loads(run(home, "service", "show", svc, "-o", "json").stdout)
         assert shown["state"] == "healthy" and shown["models"] == ["digits:2"]
+        assert shown["workers"] == 2 and shown["note"] == note
         assert run(home, "service", "logs", svc).stdout.strip()
     finally:
         deleted = run(home, "service", "delete", svc, ok=False)
