@@ -45,6 +45,8 @@ log = logging.getLogger("modelfleet.scoring.workers")
 #: what a worker runs after the fork: (settings, listening socket, control socket) -> exit code
 WorkerMain = Callable[[ServerSettings, socket.socket, socket.socket], int]
 _CLEAN_EXIT = (0, -signal.SIGTERM, -signal.SIGINT)
+#: the signals the supervisor handles (and a worker resets)
+_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
 def spec_to_wire(spec: ModelSpec) -> dict[str, Any]:
@@ -92,6 +94,8 @@ class Supervisor:
         self.queue: deque[tuple[int, int, dict[str, Any]]] = deque()
         self.swap: _Swap | None = None
         self.stopping = False
+        # signals received and not yet passed on to the workers (see _on_signal)
+        self._signals: list[int] = []
         self.worst = 0
         self._swap_ids = count(1)
         self._wake_r, self._wake_w = os.pipe()
@@ -104,15 +108,16 @@ class Supervisor:
         # signals only set flags (Python runs handlers between bytecodes); the
         # wakeup fd makes select() return so the loop acts on them at once
         signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._forward)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         try:
             for _ in range(self.settings.workers):
                 self._spawn()
             while self.workers:
+                self._pass_signals_on()
                 for key, _ in self.selector.select():
                     if key.data is None:
                         with suppress(OSError):
@@ -131,8 +136,19 @@ class Supervisor:
         return self.worst
 
     def _spawn(self) -> None:
+        if self.stopping:
+            return  # a stop that came while the workers were (re)started: fork no more
         parent_end, child_end = socket.socketpair()
-        pid = os.fork()
+        # Blocked across fork so that the child never runs the parent's handlers:
+        # a signal sent to it before it reset them waits, then takes its default.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:
             code = 1
             try:
@@ -142,6 +158,7 @@ class Supervisor:
                 # a keys reload (SIGHUP) while the model loads must not kill the worker;
                 # its event loop installs the real handler
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
                 # the parent's ends: only the parent may hold them (EOF tells a worker it is gone)
                 parent_end.close()
                 for other in self.workers.values():
@@ -154,16 +171,27 @@ class Supervisor:
                 log.exception("event=worker_failed")
             finally:
                 os._exit(code)
-        child_end.close()
-        self.workers[pid] = _Worker(pid, parent_end)
-        self.selector.register(parent_end, selectors.EVENT_READ, self.workers[pid])
+        try:
+            child_end.close()
+            self.workers[pid] = _Worker(pid, parent_end)
+            self.selector.register(parent_end, selectors.EVENT_READ, self.workers[pid])
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         log.info("event=worker_started pid=%d version=%s", pid, self.settings.model_version)
 
-    def _on_stop(self, signum: int, _frame: object) -> None:
-        self.stopping = True
-        self._forward(signum, None)
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Only notes it: a handler may run anywhere in the loop, e.g. in _spawn
+        # between the fork and the new worker's entry in self.workers, which a
+        # kill from here would miss. The loop passes it on to every worker.
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        self._signals.append(signum)
 
-    def _forward(self, signum: int, _frame: object) -> None:
+    def _pass_signals_on(self) -> None:
+        while self._signals:
+            self._forward(self._signals.pop(0))
+
+    def _forward(self, signum: int) -> None:
         for pid in list(self.workers):
             with suppress(OSError):
                 os.kill(pid, signum)
@@ -194,7 +222,8 @@ class Supervisor:
             # it never served: the model (or the machine) will not let it start
             log.error("event=worker_failed_to_start pid=%d code=%d", pid, code)
             self.worst = self.worst or (code if code > 0 else 1)
-            self._on_stop(signal.SIGTERM, None)
+            self.stopping = True
+            self._forward(signal.SIGTERM)
             return
         log.warning("event=worker_exited pid=%d code=%d action=restart version=%s", pid, code,
                     self.settings.model_version)
