@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,3 +199,76 @@ def test_hung_warm_up_is_refused_too(tmp_path: Path, caplog: pytest.LogCaptureFi
     finally:
         release.write_text("")
         host.unload()
+
+
+# The first init() (version 1) hangs until A_GO, then fails; the second (version 2,
+# same folder) waits until B_GO and imports the helper module beside score.py.
+LATE_FAILURE = '''
+import os
+import time
+
+def _wait(path):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+def init():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        os.close(os.open(os.path.join(here, "first"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        open(os.path.join(here, "b_started"), "w").close()
+        _wait(os.path.join(here, "b_go"))
+        import helper  # noqa: F401
+        return
+    _wait(os.path.join(here, "a_go"))
+    raise RuntimeError("the hung init() failed after all")
+
+def run(data):
+    import helper
+    return {"helper": helper.VALUE}
+'''
+
+
+def test_hung_load_that_fails_late_leaves_the_next_load_of_its_folder_alone(tmp_path: Path) -> None:
+    folder = _bundle(tmp_path, "same", LATE_FAILURE)
+    (folder / "helper.py").write_text("VALUE = 7\n")
+    host = ModelHost(load_timeout_s=0.5)
+    second: list[object] = []
+    try:
+        with pytest.raises(ModelLoadError) as info:
+            host.load(ModelSpec(folder, "score.py", version="1"))
+        assert info.value.stage == "timeout"
+        hung = [t for t in threading.enumerate() if t.name == "modelfleet-load-1"]
+        assert len(hung) == 1
+
+        def load_again() -> None:
+            try:
+                host.load(ModelSpec(folder, "score.py", version="2"))
+            except ModelLoadError as exc:
+                second.append(exc)
+            else:
+                second.append(host.active)
+
+        again = threading.Thread(target=load_again)
+        host.load_timeout_s = 60
+        again.start()
+        deadline = time.monotonic() + 30
+        while not (folder / "b_started").exists():
+            assert time.monotonic() < deadline, "the second load never reached its init()"
+            time.sleep(0.01)
+        # the given-up load fails now, while the second one (same folder) runs its init()
+        (folder / "a_go").write_text("")
+        hung[0].join(30)
+        assert not hung[0].is_alive()
+        (folder / "b_go").write_text("")
+        again.join(60)
+        assert len(second) == 1 and not isinstance(second[0], ModelLoadError), second
+        active = host.active
+        assert active is not None and active.version == "2"
+        assert str(folder.resolve()) in sys.path
+    finally:
+        for name in ("a_go", "b_go"):
+            (folder / name).write_text("")
+        host.unload()
+    assert str(folder.resolve()) not in sys.path

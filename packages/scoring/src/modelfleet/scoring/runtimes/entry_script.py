@@ -113,26 +113,23 @@ class EntryScriptRuntime:
                     sys.path.remove(script_dir)
                 sys.path.insert(0, script_dir)
                 _forget_helpers_outside(script_dir)
+                # counted from here, not once loaded: a given-up load of this folder
+                # that ends late (and lets go of it) must not pull it from under this one
+                _script_dirs[script_dir] += 1
             for mod in _raw_flag_modules():
                 setattr(mod, "_rawHttpRequested", False)  # noqa: B010
             sys.modules[name] = module
             try:
                 run, raw_requested = self._import_and_init(spec.loader, module)
-            except ModelLoadError:
+            except BaseException:
                 # refused: the serving version keeps its sys.path and helpers
                 sys.modules.pop(name, None)
-                with _paths_lock:
-                    if script_dir not in _script_dirs:
-                        while script_dir in sys.path:
-                            sys.path.remove(script_dir)
-                        _forget_modules_in(script_dir)
+                _let_go_of(script_dir)
                 raise
         finally:
             _env_turn.release(self)
         self.module = module
         self._run = run
-        with _paths_lock:
-            _script_dirs[script_dir] += 1
         self.raw = bool(getattr(run, azureml_compat.RAW_ATTR, False)) or raw_requested
         self._signature = self._read_schema(run)
 
@@ -252,16 +249,21 @@ class EntryScriptRuntime:
         if self.module is not None:
             sys.modules.pop(self.module.__name__, None)
             script_dir = str(self.script.parent.resolve())
-            # close() may run on the event loop: never wait for another version's init()
-            with _paths_lock:
-                _script_dirs[script_dir] -= 1
-                if _script_dirs[script_dir] <= 0:
-                    del _script_dirs[script_dir]
-                    while script_dir in sys.path:
-                        sys.path.remove(script_dir)
-                    _forget_modules_in(script_dir)
+            _let_go_of(script_dir)
         self.module = None
         self._run = None
+
+
+def _let_go_of(script_dir: str) -> None:
+    """One load (or loaded version) of `script_dir` is gone: the last one takes it off sys.path."""
+    # may run on the event loop (close()): never waits for another version's init()
+    with _paths_lock:
+        _script_dirs[script_dir] -= 1
+        if _script_dirs[script_dir] <= 0:
+            del _script_dirs[script_dir]
+            while script_dir in sys.path:
+                sys.path.remove(script_dir)
+            _forget_modules_in(script_dir)
 
 
 def _forget_modules_in(folder: str) -> None:
