@@ -272,3 +272,58 @@ def test_hung_load_that_fails_late_leaves_the_next_load_of_its_folder_alone(tmp_
             (folder / name).write_text("")
         host.unload()
     assert str(folder.resolve()) not in sys.path
+
+
+# init() notes that it started, then blocks until RELEASE exists
+HANGS_NOTED = '''
+import os
+import time
+
+def init():
+    open({started!r}, "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists({release!r}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+def run(data):
+    return {{"version": "hung"}}
+'''
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stop_during_a_load_does_not_wait_for_the_load(  # type: ignore[no-untyped-def]
+    serve_process, tmp_path: Path, workers: str
+) -> None:
+    """SIGTERM while init() hangs: the server exits 0 without waiting for the load
+    (or for its timeout, 120 s here): the load runs on a daemon thread, not in the
+    loop's default executor, which asyncio.run joins on the way out."""
+    v1 = _bundle(tmp_path, "v1", ANSWERS.format(version="1"))
+    started, release = tmp_path / "init-started", tmp_path / "release-init"
+    hangs = _bundle(tmp_path, "hangs", HANGS_NOTED.format(started=str(started), release=str(release)))
+    admin = tmp_path / "admin.key"
+    admin.write_text(ADMIN + "\n")
+    proc, url = serve_process(
+        "--model-dir", str(v1), "--entry-script", "score.py", "--model-name", "m",
+        "--admin-key-file", str(admin), "--workers", workers, "--load-timeout-s", "120",
+    )
+    answers: list[object] = []
+
+    def load() -> None:
+        try:
+            answers.append(_admin(url, {"model_dir": str(hangs), "entry_script": "score.py", "version": "2"}))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    loading = threading.Thread(target=load)
+    loading.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "the load never reached init()"
+            time.sleep(0.02)
+        proc.terminate()
+        assert proc.wait(60) == 0
+    finally:
+        release.write_text("")
+        loading.join(60)
+    assert len(answers) == 1

@@ -16,9 +16,11 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ModelLoadError, ScoringError, describe
 from .metrics import ScoringMetrics
@@ -32,6 +34,7 @@ from .runtimes.base import (
 from .settings import ServerSettings
 
 log = logging.getLogger("modelfleet.scoring.host")
+T = TypeVar("T")
 
 MODEL_SUFFIXES = tuple(NO_CODE_RUNTIMES)
 #: fast calls in a row before a pool model moves inline
@@ -312,7 +315,7 @@ class ModelHost:
 
     async def aload(self, spec: ModelSpec) -> LoadedModel:
         """`load()` from async code, without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.load, spec)
+        return await off_loop(self.load, spec)
 
     def unload(self) -> None:
         """Stop serving (readiness turns false) and release the active version."""
@@ -368,6 +371,38 @@ class ModelHost:
             _safe_close(runtime)
             raise ModelLoadError("warmup", describe(exc)) from exc
         return LoadedModel(spec, runtime, warmup_s, self.inline_threshold_s)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a daemon thread of its own, awaited.
+
+    Not the loop's default executor: `asyncio.run` joins that one on the way out,
+    so a server stopped during a long (or hung) load would not exit until the
+    load ended or timed out (up to --load-timeout-s, 300 s by default).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # the awaiting task was cancelled (the server stopped)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        with suppress(RuntimeError):  # the loop closed meanwhile: nobody awaits it
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"modelfleet-{getattr(fn, '__name__', 'load')}", daemon=True).start()
+    return await future
 
 
 class _LoadAttempt:

@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 
 from .errors import ModelLoadError
-from .host import Candidate, ModelHost, ModelSpec
+from .host import Candidate, ModelHost, ModelSpec, off_loop
 from .settings import ServerSettings
 
 log = logging.getLogger("modelfleet.scoring.workers")
@@ -369,7 +369,6 @@ class ControlChannel:
 
     async def _serve(self, reader: asyncio.StreamReader) -> None:
         # one message at a time: an abort or commit is read only after its prepare finished
-        loop = asyncio.get_running_loop()
         candidate: tuple[int, Candidate] | None = None
         while True:
             line = await reader.readline()
@@ -382,7 +381,7 @@ class ControlChannel:
                     self.host.discard(candidate[1])
                     candidate = None
                 try:
-                    prepared = await loop.run_in_executor(None, self.host.prepare, spec_from_wire(msg["spec"]))
+                    prepared = await off_loop(self.host.prepare, spec_from_wire(msg["spec"]))
                 except ModelLoadError as exc:
                     self._send({"op": "prepared", "swap": msg["swap"], "ok": False,
                                 "stage": exc.stage, "reason": exc.reason})
