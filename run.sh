@@ -30,11 +30,35 @@ ensure_apt_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-ensure_python_env() {
-    if ! command -v uv >/dev/null 2>&1; then
-        log "installing uv"
-        python3 -m pip install -q uv
+ensure_uv() {
+    command -v uv >/dev/null 2>&1 && return 0
+    [ -x "$ROOT/.cache/bin/uv" ] && { export PATH="$ROOT/.cache/bin:$PATH"; return 0; }
+    log "installing uv"
+    if ! python3 -m pip --version >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
     fi
+    python3 -m pip install -q uv 2>/dev/null && command -v uv >/dev/null 2>&1 && return 0
+    # A Debian system Python refuses pip installs (PEP 668, "externally managed"):
+    # take the uv binary out of its wheel instead, into .cache/bin, touching nothing else.
+    local wheels="$ROOT/.cache/uv-wheel"
+    rm -rf "$wheels"
+    python3 -m pip download -q --no-deps --only-binary :all: -d "$wheels" uv
+    mkdir -p "$ROOT/.cache/bin"
+    python3 - "$wheels" "$ROOT/.cache/bin/uv" <<'PY'
+import glob, os, shutil, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "uv-*.whl"))[0]
+with zipfile.ZipFile(wheel) as zf:
+    member = next(n for n in zf.namelist() if n.endswith("/scripts/uv"))
+    with zf.open(member) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+os.chmod(sys.argv[2], 0o755)
+PY
+    export PATH="$ROOT/.cache/bin:$PATH"
+}
+
+ensure_python_env() {
+    ensure_uv
     uv sync --frozen --quiet
     export PATH="$ROOT/.venv/bin:/usr/sbin:$PATH"
 }

@@ -108,3 +108,41 @@ def test_a_cached_scoring_wheelhouse_counts_as_used_when_reused(
     assert time.time() - cached.stat().st_mtime < 3600
     removed = prune_scoring_wheelhouses(houses, keep=houses / "scoring-new")
     assert cached.is_dir() and sorted(removed) == others[:2]
+
+
+def _fake_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace root (uv.lock + packages/scoring) and a PATH without uv."""
+    from modelfleet.deployer import wheelhouse
+
+    root = tmp_path / "checkout"
+    (root / "packages" / "scoring").mkdir(parents=True)
+    (root / "uv.lock").write_text("version = 1\n")
+    monkeypatch.setattr(wheelhouse, "find_workspace_root", lambda: root)
+    monkeypatch.setenv("MODELFLEET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    return root
+
+
+def test_without_uv_the_wheelhouse_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelfleet.deployer.wheelhouse import WheelhouseError, scoring_wheelhouse
+
+    _fake_checkout(tmp_path, monkeypatch)
+    with pytest.raises(WheelhouseError, match=r"uv is needed .*\./run\.sh quickstart installs it"):
+        scoring_wheelhouse()
+
+
+def test_uv_installed_by_run_sh_into_the_checkout_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a system Python that refuses pip installs, run.sh puts uv in .cache/bin."""
+    from modelfleet.deployer.wheelhouse import WheelhouseError, scoring_wheelhouse
+
+    root = _fake_checkout(tmp_path, monkeypatch)
+    uv = root / ".cache" / "bin" / "uv"
+    uv.parent.mkdir(parents=True)
+    uv.write_text("#!/bin/sh\necho \"checkout uv called with $1\" >&2\nexit 3\n")
+    uv.chmod(0o755)
+    with pytest.raises(WheelhouseError, match="checkout uv called with export"):
+        scoring_wheelhouse()

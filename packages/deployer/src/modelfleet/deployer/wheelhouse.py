@@ -162,15 +162,17 @@ def scoring_wheelhouse(progress: Progress = lambda _line: None) -> Wheelhouse:
             os.utime(final)
         progress(f"wheelhouse {final.name} is cached")
         return Wheelhouse(final, key)
-    if not shutil.which("uv"):
-        raise WheelhouseError("uv is needed to export the lockfile (pip install uv)")
+    # on PATH, or where run.sh put it on a system Python that refuses pip installs
+    uv = shutil.which("uv") or shutil.which("uv", path=str(root / ".cache" / "bin"))
+    if uv is None:
+        raise WheelhouseError("uv is needed to export the lockfile (./run.sh quickstart installs it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         progress("exporting the scoring dependencies from uv.lock")
         exported = _run(
             [
-                "uv",
+                uv,
                 "export",
                 "--frozen",
                 "--package",
@@ -192,7 +194,7 @@ def scoring_wheelhouse(progress: Progress = lambda _line: None) -> Wheelhouse:
         local = tmp / LOCAL_WHEELS
         _run(
             [
-                "uv",
+                uv,
                 "build",
                 "--package",
                 SCORING_DIST,
