@@ -327,3 +327,53 @@ def test_stop_during_a_load_does_not_wait_for_the_load(  # type: ignore[no-untyp
         release.write_text("")
         loading.join(60)
     assert len(answers) == 1
+
+
+def test_a_load_queued_behind_a_hung_one_is_answered_503_at_stop(serve_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--workers 2: a stop answers the loads still queued (503) instead of leaving them
+    to the workers' drain, which would close their connections unanswered."""
+    v1 = _bundle(tmp_path, "v1", ANSWERS.format(version="1"))
+    v3 = _bundle(tmp_path, "v3", ANSWERS.format(version="3"))
+    started, release = tmp_path / "init-started", tmp_path / "release-init"
+    hangs = _bundle(tmp_path, "hangs", HANGS_NOTED.format(started=str(started), release=str(release)))
+    admin = tmp_path / "admin.key"
+    admin.write_text(ADMIN + "\n")
+    proc, url = serve_process(
+        "--model-dir", str(v1), "--entry-script", "score.py", "--model-name", "m",
+        "--admin-key-file", str(admin), "--workers", "2", "--load-timeout-s", "120",
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    answers: dict[str, object] = {}
+
+    def load(version: str, folder: Path) -> None:
+        try:
+            answers[version] = _admin(url, {"model_dir": str(folder), "entry_script": "score.py", "version": version})
+        except httpx.HTTPError as exc:
+            answers[version] = exc
+
+    hung = threading.Thread(target=load, args=("2", hangs))
+    queued = threading.Thread(target=load, args=("3", v3))
+    try:
+        hung.start()
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "the load never reached init()"
+            time.sleep(0.02)
+        queued.start()
+        while not any("event=swap_queued version=3" in line for line in list(lines)):
+            assert time.monotonic() < deadline, "the second load was never queued"
+            time.sleep(0.02)
+        proc.terminate()
+        queued.join(30)
+        answer = answers["3"]
+        assert isinstance(answer, httpx.Response), answer
+        assert answer.status_code == 503
+        assert answer.json()["error"] == "the server is stopping; this load was not started"
+        assert proc.wait(30) == 0
+    finally:
+        release.write_text("")
+        hung.join(60)
+        queued.join(60)

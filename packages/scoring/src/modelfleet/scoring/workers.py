@@ -257,6 +257,8 @@ class Supervisor:
             worker.ready = True
         elif op == "load":
             self.queue.append((worker.pid, int(msg["id"]), msg["spec"]))
+            log.info("event=swap_queued version=%s queued=%d busy=%s",
+                     msg["spec"]["version"], len(self.queue), self.swap is not None)
         elif op in ("prepared", "committed"):
             swap = self.swap
             if swap is None or msg.get("swap") != swap.id or worker.pid not in swap.waiting:
@@ -274,7 +276,17 @@ class Supervisor:
 
     # --- the two-phase swap -------------------------------------------------------
     def _next_swap(self) -> None:
-        if self.swap is not None or not self.queue or self.stopping:
+        if self.stopping:
+            # answered now: the worker holding the request waits for it while it drains
+            while self.queue:
+                origin, request, spec = self.queue.popleft()
+                log.info("event=swap_dropped version=%s reason=stopping", spec["version"])
+                self._send(origin, {
+                    "op": "result", "id": request, "status": 503,
+                    "body": {"error": "the server is stopping; this load was not started"},
+                })
+            return
+        if self.swap is not None or not self.queue:
             return
         if not all(w.ready for w in self.workers.values()):
             return  # a worker is (re)starting on the committed version: wait for it
@@ -340,13 +352,18 @@ class ControlChannel:
         self.on_parent_gone = on_parent_gone
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        # prepare/commit/abort, run in order by _run_phases; None: the parent is gone
+        self._phases: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._phase_task: asyncio.Task[None] | None = None
         self._ids = count(1)
         self._pending: dict[int, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
 
     async def start(self) -> None:
         """Connect the streams and tell the parent this worker serves (call once listening)."""
         reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
-        self._task = asyncio.get_running_loop().create_task(self._serve(reader))
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._serve(reader))
+        self._phase_task = loop.create_task(self._run_phases())
         self._send({"op": "ready"})
 
     async def load(self, spec: ModelSpec) -> tuple[int, dict[str, Any]]:
@@ -358,8 +375,9 @@ class ControlChannel:
         return await future
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._phase_task):
+            if task is not None:
+                task.cancel()
         if self._writer is not None:
             self._writer.close()
 
@@ -368,13 +386,33 @@ class ControlChannel:
             self._writer.write(orjson.dumps(msg) + b"\n")
 
     async def _serve(self, reader: asyncio.StreamReader) -> None:
-        # one message at a time: an abort or commit is read only after its prepare finished
-        candidate: tuple[int, Candidate] | None = None
+        # Results are handled as they come; the phases go to _run_phases, so that
+        # an answer (e.g. the 503 of a load dropped at stop) never waits behind a
+        # prepare that is still loading.
         while True:
             line = await reader.readline()
             if not line:
                 break
             msg = orjson.loads(line)
+            if msg["op"] == "result":
+                future = self._pending.pop(int(msg["id"]), None)
+                if future is not None and not future.done():
+                    future.set_result((int(msg["status"]), msg["body"]))
+            else:
+                self._phases.put_nowait(msg)
+        # EOF: the parent is gone; nobody would restart or swap this worker any more
+        self._phases.put_nowait(None)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result((503, {"error": "the server is stopping"}))
+        self._pending.clear()
+        log.warning("event=parent_gone action=stop")
+        self.on_parent_gone()
+
+    async def _run_phases(self) -> None:
+        # one phase at a time: an abort or commit runs only after its prepare finished
+        candidate: tuple[int, Candidate] | None = None
+        while (msg := await self._phases.get()) is not None:
             op = msg["op"]
             if op == "prepare":
                 if candidate is not None:  # cannot happen; never leak a loaded model
@@ -397,16 +435,5 @@ class ControlChannel:
                     candidate = None
                 if op == "commit":
                     self._send({"op": "committed", "swap": msg["swap"]})
-            elif op == "result":
-                future = self._pending.pop(int(msg["id"]), None)
-                if future is not None and not future.done():
-                    future.set_result((int(msg["status"]), msg["body"]))
-        # EOF: the parent is gone; nobody would restart or swap this worker any more
-        for future in self._pending.values():
-            if not future.done():
-                future.set_result((503, {"error": "the server is stopping"}))
-        self._pending.clear()
         if candidate is not None:
             self.host.discard(candidate[1])
-        log.warning("event=parent_gone action=stop")
-        self.on_parent_gone()
