@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from .durable import fsync_dir, write_atomic
 from .errors import ArtifactError, ConfigError, Superseded
 from .modelref import ModelRefError, ModelVersionRef
+from .safetar import UnsafeMemberError, safe_extractall
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -508,21 +509,16 @@ def _close_keeping_bytes(out: BinaryIO) -> None:
 def safe_extract(archive: Path, target: Path) -> None:
     """Unpack a tar into `target`, refusing any member that could land outside it.
 
-    Absolute names are refused outright (the registry never writes them); Python's
-    "data" filter then rejects `..` escapes, links pointing outside, device and
-    fifo members, and drops set-uid bits. The first refused member aborts the
-    whole install.
+    `safetar` applies Python's "data" filter (or the same rules where this Python
+    predates it): `..` escapes and absolute names, links pointing outside, device
+    and fifo members are refused, set-uid bits dropped. The first refused member
+    aborts the whole install before anything is written.
     """
     try:
         with tarfile.open(archive, "r:") as tar:
-            for member in tar.getmembers():
-                if member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise ArtifactError("install", f"unsafe archive member {member.name!r}: path leaves the folder")
-                try:
-                    tarfile.data_filter(member, str(target))
-                except tarfile.FilterError as exc:
-                    raise ArtifactError("install", f"unsafe archive member {member.name!r}: {exc}") from None
-            tar.extractall(target, filter="data")
+            safe_extractall(tar, target)
+    except UnsafeMemberError as exc:
+        raise ArtifactError("install", str(exc)) from None
     except tarfile.TarError as exc:
         raise ArtifactError("install", f"not a valid tar archive: {exc}") from None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from modelfleet.agent.safetar import UnsafeMemberError, safe_extractall
 from modelfleet.deployer.errors import ArtifactError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -203,7 +204,10 @@ class BlobStore:
                 shutil.copyfile(blob, tmp / filename)
             else:
                 with tarfile.open(blob, mode="r:") as tar:
-                    tar.extractall(tmp, filter="data")
+                    try:
+                        safe_extractall(tar, tmp)
+                    except UnsafeMemberError as exc:
+                        raise ArtifactError(f"blob {sha256[:12]}: {exc}; it was not unpacked") from None
             try:
                 os.rename(tmp, folder)
             except OSError:
@@ -241,7 +245,9 @@ class BlobStore:
                 return target
             target.mkdir()
             with tarfile.open(blob, mode="r:") as tar:
-                tar.extractall(target, filter="data")
+                safe_extractall(tar, target)
+        except UnsafeMemberError as exc:
+            raise ArtifactError(f"blob {sha256[:12]}: {exc}; nothing more was written") from None
         except OSError as exc:
             raise ArtifactError(
                 f"cannot write the model to {dest}: {exc.strerror or exc}",
