@@ -230,3 +230,31 @@ def test_an_update_killed_mid_load_shows_failed_and_a_new_update_takes_over(
     assert shown["state"] == "healthy" and shown["models"] == ["digits:2"]
     called = json.loads(cli("service", "call", "swapping", "-d", "{}", "-o", "json").stdout)
     assert called["model_version"] == "2"
+
+
+def test_an_update_whose_init_hangs_ends_as_the_servers_refusal_not_a_client_timeout(
+    cli: Cli,
+    digits_models: Registry,
+    hold: Path,
+    slow_script: Path,
+    request_body: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's load time limit is the deployer's wait: it refuses (old version serving)
+    before the client gives up, so registry and server never disagree about what serves."""
+    monkeypatch.setenv("MODELFLEET_LOCAL_READY_TIMEOUT", "3")
+    deployed = cli("deploy", "hung", "-m", "digits:1", "--entry-script", str(slow_script))
+    assert deployed.exit_code == 0, deployed.output
+    hold.touch()
+    update = cli("service", "update", "hung", "-m", "digits:2")
+    assert update.exit_code == 1
+    assert "the new version was refused (422)" in update.stderr, update.stderr
+    assert "did not finish within 3 s" in update.stderr, update.stderr
+    hold.unlink()  # the hung init() returns now; its late load must be dropped, not served
+    shown = json.loads(cli("service", "show", "hung", "-o", "json").stdout)
+    assert shown["state"] == "healthy" and shown["models"] == ["digits:1"]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        called = cli("service", "call", "hung", "--data", request_body, "-o", "json")
+        assert called.exit_code == 0, called.output
+        assert json.loads(called.stdout)["model_version"] == "1"

@@ -387,6 +387,7 @@ class DockerTarget:
             "--scoring-timeout-ms", str(d.scoring_timeout_ms),
             "--max-concurrent-requests", str(d.max_concurrent_requests),
             "--workers", str(d.replicas),
+            *scoring_admin.load_timeout_args(ready_timeout()),
         ]  # fmt: skip
         if keys_file is not None:
             rel = keys_file.resolve().relative_to(workdir).as_posix()

@@ -219,6 +219,7 @@ class LocalTarget:
             "--scoring-timeout-ms", str(spec.deployment.scoring_timeout_ms),
             "--max-concurrent-requests", str(spec.deployment.max_concurrent_requests),
             "--workers", str(spec.deployment.replicas),
+            *scoring_admin.load_timeout_args(ready_timeout()),
         ]  # fmt: skip
         if entry is not None:
             cmd += ["--entry-script", str(entry)]

@@ -36,6 +36,16 @@ def error_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+#: how much longer than the server's own load time limit a client waits for its answer, so the
+#: server's refusal (stage "timeout", the old version serving) arrives instead of a client time-out
+LOAD_ANSWER_GRACE_S = 10.0
+
+
+def load_timeout_args(timeout: float) -> list[str]:
+    """`serve` options that make the server give up on a hung load before a client would."""
+    return ["--load-timeout-s", f"{timeout:g}"]
+
+
 def load_beside(
     port: int,
     admin_key: str,
@@ -48,6 +58,10 @@ def load_beside(
 ) -> None:
     """Load and warm a model version beside the running one; raise `error` unless it now serves.
 
+    `timeout` is the server's load time limit (`load_timeout_args`); the answer is awaited a
+    little longer, so a hung load ends as the server's clear refusal, never with the server
+    switching after the client gave up.
+
     `on_refused` runs before the refusal is raised (to drop what was staged for it).
     """
     try:
@@ -55,7 +69,7 @@ def load_beside(
             f"http://127.0.0.1:{port}/v2/repository/models/{model_name}/load",
             json=dict(body),
             headers={"Authorization": f"Bearer {admin_key}"},
-            timeout=timeout,
+            timeout=timeout + LOAD_ANSWER_GRACE_S,
         )
     except httpx.HTTPError as exc:
         raise error(f"the scoring server did not answer the load request: {exc}") from exc
