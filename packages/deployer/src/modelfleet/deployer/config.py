@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from modelfleet.deployer.errors import ConfigError
+from modelfleet.deployer.errors import ConfigError, DeployerError
 from modelfleet.deployer.targets.base import DeploymentConfig, InferenceConfig
 
 log = logging.getLogger(__name__)
@@ -194,13 +194,18 @@ def _compute_type(where: str, value: Any) -> str:
 # ---------------------------------------------------------------- files
 
 
-def read_config_file(path: Path, kind: str) -> dict[str, Any]:
+def read_text_file(path: Path, kind: str, error: type[DeployerError] = ConfigError) -> str:
+    """A user's UTF-8 file, or `error` naming the file (as `kind`) and what is wrong with it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError(f"{kind} file {path} does not exist") from exc
+        raise error(f"{kind} file {path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {kind} file {path}: {exc}") from exc
+        raise error(f"cannot read {kind} file {path}: {exc}") from exc
+
+
+def read_config_file(path: Path, kind: str) -> dict[str, Any]:
+    text = read_text_file(path, kind)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -18,6 +18,7 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelfleet.deployer.config import read_text_file
 from modelfleet.deployer.errors import DeploymentError
 
 FIELD = "extraDockerfileSteps"
@@ -72,12 +73,7 @@ def load_extra_steps(
     path: Path, source_directory: Path | None, *, skip_names: frozenset[str] = frozenset()
 ) -> ExtraSteps:
     """Read and check `path`; raise ExtraStepsError naming the file and line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ExtraStepsError(f"{FIELD} file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExtraStepsError(f"cannot read {FIELD} file {path}: {exc}") from exc
+    text = read_text_file(path, FIELD, ExtraStepsError)
     steps: list[Step] = []
     reads_source = False
     for line_no, written in _instructions(text):
