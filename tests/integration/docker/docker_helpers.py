@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,3 +46,9 @@ def containers_of(client: Any, service: str) -> list[Any]:
     return list(
         client.containers.list(all=True, filters={"label": f"modelfleet.service={service}"})
     )
+
+
+def primary_key(record: ServiceRecord) -> str:
+    """The service's primary key, as `modelfleet service keys` would show it."""
+    path = Path(record.target_data["workdir"]) / "secrets" / "keys.json"
+    return str(json.loads(path.read_text())["primary"])

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from docker_helpers import Deployed, SpecFactory, containers_of
+from docker_helpers import Deployed, SpecFactory, containers_of, primary_key
 
 from modelfleet.deployer.docker_images import ImageBuildError, remove_image_if_unused
 from modelfleet.deployer.errors import DeploymentError
@@ -49,11 +48,10 @@ def source(tmp_path: Path) -> Path:
 
 def call(record: ServiceRecord) -> dict[str, Any]:
     assert record.scoring_uri
-    keys = json.loads((Path(record.target_data["workdir"]) / "secrets" / "keys.json").read_text())
     answer = httpx.post(
         record.scoring_uri,
         json={"data": [[0.0]]},
-        headers={"Authorization": f"Bearer {keys['primary']}"},
+        headers={"Authorization": f"Bearer {primary_key(record)}"},
         timeout=10,
     )
     assert answer.status_code == 200, answer.text

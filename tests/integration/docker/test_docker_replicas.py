@@ -10,7 +10,6 @@ stops it promptly.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +18,11 @@ from typing import Any
 import docker.errors
 import httpx
 import pytest
-from docker_helpers import Deployed, SpecFactory, binding
+from docker_helpers import Deployed, SpecFactory, binding, primary_key
 from helpers_traffic import Traffic
 
 from modelfleet.deployer.samples import digits_rows
-from modelfleet.deployer.targets.base import DeploymentConfig, ServiceRecord
+from modelfleet.deployer.targets.base import DeploymentConfig
 from modelfleet.deployer.targets.docker import DockerTarget
 
 pytestmark = pytest.mark.docker
@@ -62,11 +61,6 @@ def _fresh_answers(uri: str, key: str, n: int = 40) -> list[httpx.Response]:
     return answers
 
 
-def _key(record: ServiceRecord) -> str:
-    path = Path(record.target_data["workdir"]) / "secrets" / "keys.json"
-    return str(json.loads(path.read_text())["primary"])
-
-
 def test_replicas_run_as_workers_swap_together_and_stop_cleanly(
     make_spec: SpecFactory,
     deployed: Deployed,
@@ -90,7 +84,7 @@ def test_replicas_run_as_workers_swap_together_and_stop_cleanly(
     _parent, workers = _server_processes(container)
     assert len(workers) == 2, "numReplicas 2: the supervisor forked two workers"
 
-    uri, key = str(record.scoring_uri), _key(record)
+    uri, key = str(record.scoring_uri), primary_key(record)
     spec_v2 = make_spec(
         name=spec.name,
         workdir=spec.workdir,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from docker_helpers import Deployed, SpecFactory, binding
+from docker_helpers import Deployed, SpecFactory, binding, primary_key
 from helpers_traffic import Traffic
 
 from modelfleet.deployer.errors import DeploymentError
@@ -32,11 +31,6 @@ def call(record: ServiceRecord, key: str) -> str:
     return r.text
 
 
-def primary(record: ServiceRecord) -> str:
-    path = Path(record.target_data["workdir"]) / "secrets" / "keys.json"
-    return str(json.loads(path.read_text())["primary"])
-
-
 def test_update_under_traffic_drops_nothing_and_survives_restart(
     make_spec: SpecFactory,
     deployed: Deployed,
@@ -47,7 +41,7 @@ def test_update_under_traffic_drops_nothing_and_survives_restart(
 ) -> None:
     spec = make_spec()
     record = deployed.deploy(spec)
-    key = primary(record)
+    key = primary_key(record)
     v1_answer = call(record, key)
     spec_v2 = make_spec(name=spec.name, workdir=spec.workdir, models=(binding(digits_onnx_v2, 2),))
     progress: list[str] = []
@@ -116,7 +110,7 @@ def test_refused_update_keeps_old_version_serving(
     make_spec: SpecFactory, deployed: Deployed, docker_target: DockerTarget, tmp_path: Path
 ) -> None:
     record = deployed.deploy(make_spec())
-    key = primary(record)
+    key = primary_key(record)
     before = call(record, key)
     src = tmp_path / "broken"
     src.mkdir()
@@ -140,7 +134,7 @@ def test_update_that_changes_requirements_is_refused_before_building(
     make_spec: SpecFactory, deployed: Deployed, docker_target: DockerTarget, tmp_path: Path
 ) -> None:
     record = deployed.deploy(make_spec())
-    key = primary(record)
+    key = primary_key(record)
     before = call(record, key)
     reqs = tmp_path / "requirements.txt"
     reqs.write_text("tabulate==0.9.0\n")
